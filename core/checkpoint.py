@@ -1,0 +1,214 @@
+"""Loading ERes2NetV2 weights: upstream's released files and spkft's own checkpoints.
+
+Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only,
+never arbitrary pickled objects. Accepted layouts:
+- upstream's plain ``state_dict`` (``pretrained_eres2netv2w24s4ep4.ckpt``), with or without the
+  ``module.`` prefix that DataParallel/DDP training leaves on every key;
+- an spkft checkpoint: a dict with ``format == "spkft"``, the variant, the model arguments and the
+  embedding-model weights under ``model`` (training adds head, optimiser and progress state).
+
+When the caller names no variant, the architecture is read off the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from spkft.core.errors import CheckpointError
+from spkft.core.model import VARIANTS, ERes2NetV2, ERes2NetV2Config, model_config
+
+SPKFT_FORMAT = "spkft"
+SPKFT_FORMAT_VERSION = 1
+# Constructor arguments that size a network rather than choose its block design.
+SIZE_ARGS = ("num_blocks", "m_channels", "feat_dim", "embedding_size", "two_emb_layer")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An eval-mode model plus where it came from."""
+
+    model: ERes2NetV2
+    variant: str
+    config: ERes2NetV2Config
+    checkpoint: dict[str, Any]  # the whole file as read (metadata of spkft checkpoints lives here)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file safely; errors say what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path) and not _is_legacy_torch_file(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: [^\s]+ [^\s]+", str(exc))
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain containers"
+            + (f" ({found.group(0)})" if found else "")
+        ) from None
+    except Exception as exc:  # torch raises many types for damaged archives
+        raise CheckpointError(f"{path}: damaged or not a PyTorch checkpoint ({_first_line(exc)})") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state_dict or an spkft checkpoint, found {type(obj).__name__}")
+    return dict(obj)
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    """Pre-1.6 ``torch.save`` files are a bare pickle stream (protocol 2 starts with 0x80 0x02)."""
+    with path.open("rb") as handle:
+        return handle.read(2) == b"\x80\x02"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def embedding_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The embedding model's weights from any accepted layout, without wrapper prefixes."""
+    if checkpoint.get("format") == SPKFT_FORMAT:
+        state = checkpoint.get("model")
+        if not isinstance(state, Mapping):
+            raise CheckpointError("spkft checkpoint has no 'model' weights")
+    else:
+        state = checkpoint
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors or len(tensors) != len(state):
+        others = [k for k, v in state.items() if not isinstance(v, torch.Tensor)][:5]
+        raise CheckpointError(
+            "not an ERes2NetV2 state_dict"
+            + (f": non-tensor entries {', '.join(map(str, others))}" if others else ": no tensors")
+        )
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[str, ERes2NetV2Config]:
+    """Read the variant and constructor arguments off the tensor shapes of a state_dict."""
+    try:
+        m_channels = state["conv1.weight"].shape[0]
+        stage_blocks = []
+        for stage in range(1, 5):
+            indices = {int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+            stage_blocks.append(len(indices))
+        scale = sum(1 for k in state if re.fullmatch(r"layer1\.0\.convs\.\d+\.weight", k))
+        expansion = state["layer1.0.conv3.weight"].shape[0] // m_channels
+        embedding_size = state["seg_1.weight"].shape[0]
+        stats_per_frequency = m_channels * 8 * expansion * 2
+        feat_dim_over_8 = state["seg_1.weight"].shape[1] // stats_per_frequency
+        # width = floor(planes * baseWidth / 64); layer4 (planes = 8 * m_channels) pins it down best.
+        width4 = state["layer4.0.convs.0.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"not an ERes2NetV2 state_dict: missing key {exc.args[0]!r}") from None
+    if min(stage_blocks) == 0 or scale == 0 or expansion == 0:
+        raise CheckpointError("not an ERes2NetV2 state_dict: a stage or its sub-band convs are missing")
+    planes4 = 8 * m_channels
+    widths = [w for w in range(1, 257) if planes4 * w // 64 == width4]
+    variant = next(
+        (name for name, cfg in VARIANTS.items()
+         if cfg.scale == scale and cfg.expansion == expansion and cfg.baseWidth in widths),
+        None,
+    )
+    if variant is None:
+        variant = next((n for n, c in VARIANTS.items() if c.scale == scale), "eres2netv2")
+    base_width = VARIANTS[variant].baseWidth if VARIANTS[variant].baseWidth in widths else widths[0]
+    # fbank bins are a multiple of 8 in every known recipe; 80 unless the shapes say otherwise.
+    feat_dim = 80 if feat_dim_over_8 == 10 else 8 * feat_dim_over_8
+    config = model_config(
+        variant,
+        num_blocks=tuple(stage_blocks),
+        m_channels=m_channels,
+        feat_dim=feat_dim,
+        embedding_size=embedding_size,
+        baseWidth=base_width,
+        scale=scale,
+        expansion=expansion,
+        two_emb_layer="seg_2.weight" in state,
+    )
+    return variant, config
+
+
+def describe_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """A message naming missing, unexpected and wrongly shaped keys, or None if all fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shaped = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shaped)):
+        if keys:
+            shown = "; ".join(keys[:4]) + (f"; ... ({len(keys)} in all)" if len(keys) > 4 else "")
+            parts.append(f"{label}: {shown}")
+    return " | ".join(parts) or None
+
+
+def _described_config(checkpoint: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> tuple[str, ERes2NetV2Config]:
+    """The variant and config a checkpoint declares (spkft) or its shapes imply (upstream)."""
+    if checkpoint.get("format") != SPKFT_FORMAT:
+        return infer_config(state)
+    variant = str(checkpoint.get("variant"))
+    try:
+        return variant, model_config(variant, **checkpoint.get("model_args", {}))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"spkft checkpoint with a bad model description: {exc}") from None
+
+
+def load_model(
+    path: str | Path,
+    variant: str | None = None,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> LoadedModel:
+    """Load an embedding model from a checkpoint, in eval mode, on ``device``.
+
+    ``variant`` and ``overrides`` (constructor arguments) are inferred from the file when absent;
+    when given, they must match the file's tensors, or the error names the keys that do not.
+    """
+    checkpoint = read_checkpoint(path)
+    try:
+        state = embedding_state_dict(checkpoint)
+        found_variant, found = _described_config(checkpoint, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if variant is None:
+        variant, args = found_variant, found.to_dict()
+    else:
+        # A named variant fixes the block design; sizes still come from the file.
+        args = {k: v for k, v in found.to_dict().items() if k in SIZE_ARGS}
+    try:
+        config = model_config(variant, **(args | overrides))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    model = ERes2NetV2(config)
+    problem = describe_mismatch(model, state)
+    if problem:
+        raise CheckpointError(f"{path}: does not fit ERes2NetV2 variant {variant!r} ({problem})")
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return LoadedModel(model=model, variant=variant, config=config, checkpoint=checkpoint)
+
+
+def embedding_checkpoint(model: ERes2NetV2, variant: str, **extra: Any) -> dict[str, Any]:
+    """An spkft checkpoint dict for an embedding model; ``extra`` adds training state."""
+    return {
+        "format": SPKFT_FORMAT,
+        "format_version": SPKFT_FORMAT_VERSION,
+        "variant": variant,
+        "model_args": model.config.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }

@@ -1,0 +1,124 @@
+"""Speaker embeddings of whole recordings, and cosine scoring.
+
+How a recording is embedded:
+- up to ``max_whole_seconds`` (default 30 s) it goes through the model in one piece, exactly as
+  3D-Speaker embeds an utterance;
+- longer recordings are cut into ``n = ceil(duration / chunk_seconds)`` equally long windows
+  (at most ``chunk_seconds``, default 10 s) spread evenly from start to end, embedded a few at a
+  time, and the mean of their L2-normalised embeddings is the recording's embedding. Memory
+  therefore stays bounded by about ``max_whole_seconds`` of audio in flight, whatever the length:
+  a 10-minute file needs no more than a 30-second one.
+Features are always mean-normalised over the whole recording first, as for a short one.
+Returned embeddings are L2-normalised, so a dot product is the cosine score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spkft.core.audio import AudioSource, Waveform, load_audio
+from spkft.core.checkpoint import load_model
+from spkft.core.errors import DeviceError
+from spkft.core.features import FRAME_SHIFT_MS, fbank
+from spkft.core.model import ERes2NetV2
+
+FRAMES_PER_SECOND = int(1000 / FRAME_SHIFT_MS)
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """An L2-normalised embedding and the length of the audio it came from."""
+
+    vector: np.ndarray
+    duration_seconds: float
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A torch device, or a clear error when the asked-for accelerator is not there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {str(name)!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {str(name)!r} is not supported; use cpu or cuda")
+    return device
+
+
+def window_starts(frames: int, window: int) -> list[int]:
+    """Evenly spread start frames of ``ceil(frames / window)`` equal windows covering ``frames``."""
+    count = math.ceil(frames / window)
+    length = math.ceil(frames / count)
+    if count == 1:
+        return [0]
+    return [round(i * (frames - length) / (count - 1)) for i in range(count)]
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def cosine_score(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two embeddings, in [-1, 1]."""
+    return float(np.clip(np.dot(l2_normalise(a), l2_normalise(b)), -1.0, 1.0))
+
+
+class Embedder:
+    """Turns recordings into L2-normalised speaker embeddings with an ERes2NetV2 model."""
+
+    def __init__(
+        self,
+        model: ERes2NetV2,
+        device: str | torch.device = "cpu",
+        max_whole_seconds: float = 30.0,
+        chunk_seconds: float = 10.0,
+    ) -> None:
+        if chunk_seconds <= 0 or max_whole_seconds < chunk_seconds:
+            raise ValueError("need 0 < chunk_seconds <= max_whole_seconds")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.max_whole_frames = int(max_whole_seconds * FRAMES_PER_SECOND)
+        self.chunk_frames = int(chunk_seconds * FRAMES_PER_SECOND)
+        self.chunks_per_batch = max(1, self.max_whole_frames // self.chunk_frames)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, variant: str | None = None, device: str | torch.device = "cpu", **kwargs
+    ) -> Embedder:
+        resolved = resolve_device(device)
+        return cls(load_model(path, variant=variant, device=resolved).model, resolved, **kwargs)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.config.embedding_size
+
+    @torch.inference_mode()
+    def embed_features(self, features: torch.Tensor) -> np.ndarray:
+        """The normalised embedding of one recording's mean-normalised fbank ``[frames, 80]``."""
+        frames = features.shape[0]
+        features = features.to(self.device)
+        if frames <= self.max_whole_frames:
+            return l2_normalise(self.model(features.unsqueeze(0))[0].float().cpu().numpy())
+        starts = window_starts(frames, self.chunk_frames)
+        length = math.ceil(frames / len(starts))
+        windows = torch.stack([features[s : s + length] for s in starts])
+        parts = [
+            self.model(windows[i : i + self.chunks_per_batch]).float().cpu().numpy()
+            for i in range(0, len(windows), self.chunks_per_batch)
+        ]
+        return l2_normalise(l2_normalise(np.concatenate(parts)).mean(axis=0))
+
+    def embed_waveform(self, waveform: Waveform) -> Embedding:
+        vector = self.embed_features(fbank(waveform.tensor()))
+        return Embedding(vector.astype(np.float32), waveform.duration_seconds)
+
+    def embed(self, source: AudioSource, name: str | None = None) -> Embedding:
+        """Decode, check and embed a file path or encoded audio bytes."""
+        return self.embed_waveform(load_audio(source, name=name))

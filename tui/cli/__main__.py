@@ -1,0 +1,3 @@
+from spkft.tui.cli import main
+
+main()
