@@ -96,17 +96,34 @@ def load_audio(
         else:
             opened = source
     try:
-        with sf.SoundFile(opened) as audio:
-            rate = audio.samplerate
-            if start_seconds > 0:
-                audio.seek(min(int(round(start_seconds * rate)), audio.frames))
-            frames = -1 if stop_seconds is None else max(0, int(round((stop_seconds - start_seconds) * rate)))
-            data = audio.read(frames, dtype="float32", always_2d=True)
+        data, rate = _decode(opened, start_seconds, stop_seconds)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise UndecodableAudioError(
             f"{name}: not a readable audio file (WAV, FLAC, OGG or MP3 expected): {_first_line(exc)}"
         ) from None
     return _finish(data, rate, name, min_seconds)
+
+
+def read_samples(path: str | Path, start_seconds: float = 0.0, stop_seconds: float | None = None) -> np.ndarray:
+    """Mono 16 kHz samples of a file or segment, without the checks of :func:`load_audio`.
+
+    For training crops, where a quiet stretch inside a good recording is not an error.
+    """
+    data, rate = _decode(str(path), start_seconds, stop_seconds)
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    return resample(np.ascontiguousarray(mono), rate)
+
+
+def _decode(opened: BinaryIO | str, start_seconds: float, stop_seconds: float | None) -> tuple[np.ndarray, int]:
+    """``[frames, channels]`` float32 samples of the whole source or the given segment, and the rate."""
+    with sf.SoundFile(opened) as audio:
+        rate = audio.samplerate
+        first = min(int(round(start_seconds * rate)), audio.frames)
+        if first > 0:
+            audio.seek(first)
+        # Round both ends on the sample grid, so a segment never reads past its stop.
+        frames = -1 if stop_seconds is None else max(0, int(round(stop_seconds * rate)) - first)
+        return audio.read(frames, dtype="float32", always_2d=True), rate
 
 
 def decode_pcm(

@@ -48,3 +48,10 @@ class CheckpointError(SpkftError):
 class DeviceError(SpkftError):
     """A compute device that was asked for but is not available."""
 
+
+class EvaluationError(SpkftError, ValueError):
+    """Scores, labels or trials that cannot be evaluated (no targets, NaN scores, mismatches)."""
+
+
+class DataError(SpkftError):
+    """A data source, split request or trial list that cannot be used as given."""

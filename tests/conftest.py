@@ -52,3 +52,4 @@ def tiny_checkpoint(reference_dir) -> Path:
 def speech(speech_file) -> tuple[np.ndarray, int]:
     data, rate = sf.read(speech_file, dtype="float32")
     return data, rate
+

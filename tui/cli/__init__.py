@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from spkft.core import __version__
 from spkft.core.errors import SpkftError
-from spkft.tui.cli import inference
+from spkft.tui.cli import data, evaluate, inference, train
 
 
 @dataclass
@@ -72,7 +72,10 @@ def _root(
     ctx.obj = Settings(debug=debug)
 
 
+data.register(app)
 inference.register(app)
+evaluate.register(app)
+train.register(app)
 
 
 def main() -> None:

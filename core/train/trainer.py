@@ -1,0 +1,411 @@
+"""The fine-tuning run: check everything, set up, train with validation each epoch, save, clean up.
+
+``Trainer(config).run()`` is the whole life of a run (``__init__`` fails early on a bad config,
+``setup`` builds data, model, head and optimiser, ``train`` loops over epochs, ``cleanup`` leaves
+the process group). It runs alone or under ``torchrun`` (DDP) unchanged; only rank 0 validates,
+writes files and emits events.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from spkft.core.checkpoint import embedding_checkpoint, load_model, read_checkpoint
+from spkft.core.data import make_trials, read_trials, segment, split_sources
+from spkft.core.embedding import Embedder
+from spkft.core.errors import SpkftError
+from spkft.core.evaluate import evaluate
+from spkft.core.model import DEFAULT_VARIANT, build_model
+from spkft.core.report import write_report
+from spkft.core.train.config import TrainConfig, check_paths
+from spkft.core.train.dataset import CropDataset, EpochSampler
+from spkft.core.train.events import (
+    EpochEnded,
+    EventSink,
+    PhaseStarted,
+    RunFinished,
+    RunStarted,
+    StepEnded,
+    Validated,
+    ignore,
+)
+from spkft.core.train.freeze import apply_freezing, hold_frozen_batchnorm, summarise
+from spkft.core.train.head import AAMSoftmaxHead
+from spkft.core.train.runtime import Distributed, autocast, lr_factor, pick_device, pick_precision
+
+ALL_ENCODER = ("stem", "layer1", "layer2", "layer3", "layer4", "layer3_ds", "fuse34", "seg_1")
+
+
+class TrainingDiverged(SpkftError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class _Classifier(nn.Module):
+    """Embedding model and head as one module, so DDP synchronises both."""
+
+    def __init__(self, model: nn.Module, head: AAMSoftmaxHead) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor):
+        return self.head(self.model(features), labels)
+
+
+def _save_atomically(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, sink: EventSink | None = None,
+                 stop: threading.Event | None = None, resume: bool = False) -> None:
+        check_paths(config)
+        self.config = config
+        self.sink = sink if sink is not None else ignore
+        self.stop = stop if stop is not None else threading.Event()
+        self.resume = resume
+        self.run_dir = Path(config.run.output_dir)
+        self.dist = Distributed.from_environment()
+        last = self.run_dir / "last.ckpt"
+        if resume and not last.is_file():
+            raise SpkftError(f"nothing to resume: {last} does not exist")
+        if not resume and last.exists():
+            raise SpkftError(f"{self.run_dir} already holds a run; continue it with --resume or choose another output dir")
+
+    # ----------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.config
+        self.device = self.dist.init(pick_device(cfg.run.device))
+        self.precision = pick_precision(cfg.run.precision, self.device)
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise SpkftError("fp16 training needs a CUDA device; use bf16 or fp32 on the CPU")
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimisation()
+        self.start_epoch, self.global_step = 0, 0
+        self.best_eer, self.best_epoch, self.stale_epochs = math.inf, 0, 0
+        self.initial_eer = math.nan
+        if self.resume:
+            self._restore(read_checkpoint(self.run_dir / "last.ckpt"))
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            (self.run_dir / "labels.json").write_text(json.dumps(self.speakers, indent=0))
+
+    def _setup_data(self) -> None:
+        cfg = self.config
+        split, self.scan_reports = split_sources(
+            cfg.data.train, val_source=cfg.data.val, val=cfg.data.val_speakers, seed=cfg.run.seed,
+            min_recordings_per_speaker=cfg.data.min_recordings_per_speaker,
+        )
+        self.split = split
+        self.speakers = sorted({r.speaker for r in split.train})
+        if len(self.speakers) < 2:
+            raise SpkftError(f"training needs at least 2 speakers, found {len(self.speakers)}")
+        if cfg.data.trials is not None:
+            self.val_recordings = list(split.val)
+            self.val_trials = read_trials(cfg.data.trials)
+        else:
+            self.val_recordings = segment(split.val, cfg.data.segment_seconds)
+            self.val_trials = make_trials(self.val_recordings, seed=cfg.run.seed, max_target=cfg.data.max_trials // 2,
+                                          max_nontarget=cfg.data.max_trials // 2)
+        if not any(t.target for t in self.val_trials) or all(t.target for t in self.val_trials):
+            raise SpkftError("the validation trials need both same-speaker and different-speaker pairs; "
+                             "hold out more speakers (data.val_speakers) or give data.val")
+        labels = {s: i for i, s in enumerate(self.speakers)}
+        self.dataset = CropDataset(list(split.train), labels, cfg.augment, seed=cfg.run.seed)
+        per_step = cfg.run.batch_size * cfg.optim.grad_accum
+        self.steps_per_epoch = cfg.run.steps_per_epoch or max(1, len(split.train) // (per_step * self.dist.world_size))
+        self.sampler = EpochSampler(len(self.dataset), self.steps_per_epoch * per_step, cfg.run.seed,
+                                    self.dist.rank, self.dist.world_size)
+        self.loader = DataLoader(self.dataset, batch_size=cfg.run.batch_size, sampler=self.sampler,
+                                 num_workers=cfg.run.num_workers, drop_last=True,
+                                 persistent_workers=cfg.run.num_workers > 0)
+
+    def _setup_model(self) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.run.seed)
+        if cfg.model.init is not None:
+            loaded = load_model(cfg.model.init, variant=cfg.model.variant, **cfg.model.args)
+            self.model, self.variant = loaded.model, loaded.variant
+        else:
+            self.variant = cfg.model.variant or DEFAULT_VARIANT
+            self.model = build_model(self.variant, **cfg.model.args)
+        self.head = AAMSoftmaxHead(self.model.config.embedding_size, self.dataset.num_classes,
+                                   scale=cfg.head.scale, margin=0.0, label_smoothing=cfg.head.label_smoothing)
+        if cfg.head.stats_dropout > 0:
+            p = cfg.head.stats_dropout
+            self.model.seg_1.register_forward_pre_hook(lambda m, args: (F.dropout(args[0], p, m.training),))
+        self.frozen = self.config.freeze.frozen_stages()
+        apply_freezing(self.model, self.frozen)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.anchor = ([p.detach().clone() for p in self.trainable]
+                       if cfg.freeze.l2_sp > 0 and cfg.model.init is not None else None)
+        memory_format = torch.channels_last if cfg.run.channels_last else torch.preserve_format
+        self.model.to(self.device, memory_format=memory_format)
+        self.head.to(self.device)
+        if self.anchor is not None:
+            self.anchor = [a.to(self.device) for a in self.anchor]
+        self.classifier = _Classifier(self.model, self.head)
+
+    def _setup_optimisation(self) -> None:
+        opt = self.config.optim
+        groups = [{"params": self.trainable, "lr": opt.lr * self.config.freeze.backbone_lr_scale, "peak": opt.lr * self.config.freeze.backbone_lr_scale},
+                  {"params": list(self.head.parameters()), "lr": opt.lr, "peak": opt.lr}]
+        groups = [g for g in groups if g["params"]]
+        if opt.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum,
+                                             nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=opt.lr, weight_decay=opt.weight_decay)
+        self.total_steps = self.config.run.epochs * self.steps_per_epoch
+        self.warmup_steps = int(round(opt.warmup_epochs * self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    # ------------------------------------------------------------------------------ training
+    def run(self) -> RunFinished:
+        """Set up, train, clean up; the returned event says how the run ended."""
+        try:
+            self.setup()
+            return self.train()
+        finally:
+            self.cleanup()
+
+    def train(self) -> RunFinished:
+        cfg = self.config
+        if self.dist.is_main:
+            self.sink(RunStarted(
+                run_dir=str(self.run_dir), epochs=cfg.run.epochs, steps_per_epoch=self.steps_per_epoch,
+                start_epoch=self.start_epoch, train_recordings=len(self.split.train),
+                train_speakers=len(self.speakers), num_classes=self.dataset.num_classes,
+                val_trials=len(self.val_trials), device=str(self.device), precision=self.precision,
+                world_size=self.dist.world_size, parameters=summarise(self.model, self.frozen).lines(),
+            ))
+        if self.start_epoch == 0:
+            self._record_initial()
+        started = time.monotonic()
+        steps_done_here = 0
+        reason = "completed"
+        for epoch in range(self.start_epoch, cfg.run.epochs):
+            wrapped = self._enter_phase(epoch)
+            epoch_start = time.monotonic()
+            train_loss, train_acc, steps_done_here = self._train_epoch(epoch, wrapped, started, steps_done_here)
+            if self._stop_requested():
+                reason = "cancelled"
+                break
+            eer, min_dcf = self._validate()
+            is_best = eer < self.best_eer
+            if is_best:
+                self.best_eer, self.best_epoch, self.stale_epochs = eer, epoch + 1, 0
+            else:
+                self.stale_epochs += 1
+            self._save(epoch + 1, is_best)
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_eer": eer,
+                      "val_min_dcf": min_dcf, "lr": self.optimizer.param_groups[-1]["lr"],
+                      "margin": self.head.margin, "seconds": time.monotonic() - epoch_start}
+            if self.dist.is_main:
+                with (self.run_dir / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                self.sink(EpochEnded(epoch + 1, cfg.run.epochs, train_loss, train_acc, eer, min_dcf, self.best_eer,
+                                     self.best_epoch, is_best, self.stale_epochs, cfg.run.patience,
+                                     record["seconds"]))
+            if cfg.run.patience is not None and self.stale_epochs >= cfg.run.patience:
+                reason = "early_stopped"
+                break
+        report = self._final_report() if reason != "cancelled" and self.dist.is_main else None
+        best = self.run_dir / "best.ckpt"
+        finished = RunFinished(reason, str(self.run_dir), self.initial_eer, self.best_epoch, self.best_eer,
+                               str(best) if best.exists() else None, report)
+        if self.dist.is_main:
+            self.sink(finished)
+        return finished
+
+    def _record_initial(self) -> None:
+        """Validate the starting model, so every run shows where it began (epoch 0)."""
+        eer, min_dcf = self._validate()
+        self.initial_eer = eer
+        if self.dist.is_main:
+            (self.run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "val_eer": eer, "val_min_dcf": min_dcf}) + "\n")
+            self.sink(Validated(0, eer, min_dcf))
+
+    def _enter_phase(self, epoch: int) -> nn.Module:
+        """Freeze for this epoch's phase and return the module to step (DDP-wrapped when distributed)."""
+        head_only = epoch < self.config.freeze.head_only_epochs
+        for p in self.trainable:
+            p.requires_grad_(not head_only)
+        if self.dist.is_main and (epoch == self.start_epoch or epoch == self.config.freeze.head_only_epochs):
+            if head_only:
+                text = f"phase 1: only the new head trains until epoch {self.config.freeze.head_only_epochs}"
+            else:
+                tuned = [s for s in ALL_ENCODER if s not in self.frozen]
+                text = (f"{'phase 2: ' if self.config.freeze.head_only_epochs else ''}training the head and "
+                        f"{', '.join(tuned) or 'no encoder stage'} at {self.config.freeze.backbone_lr_scale:g}x lr")
+            self.sink(PhaseStarted(epoch + 1, text))
+        if not self.dist.enabled:
+            return self.classifier
+        # DDP registers gradient hooks for the parameters that need grad when it is built.
+        return DistributedDataParallel(self.classifier, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _stop_requested(self) -> bool:
+        """True once any rank was asked to stop, so that all ranks stop at the same step."""
+        return bool(self.dist.all_sum([1.0 if self.stop.is_set() else 0.0])[0])
+
+    def _set_train_mode(self, head_only: bool) -> None:
+        self.classifier.train()
+        hold_frozen_batchnorm(self.model, ALL_ENCODER if head_only else self.frozen)
+
+    def _margin(self, epoch_progress: float) -> float:
+        head = self.config.head
+        if head.margin_schedule == "constant" or head.margin_warmup_epochs == 0:
+            return head.margin
+        return head.margin * min(1.0, epoch_progress / head.margin_warmup_epochs)
+
+    def _train_epoch(self, epoch: int, wrapped: nn.Module, started: float, steps_done_here: int):
+        cfg = self.config
+        accum = cfg.optim.grad_accum
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)  # dropout draws: the same on resume
+        head_only = epoch < cfg.freeze.head_only_epochs
+        self._set_train_mode(head_only)
+        totals = [0.0, 0.0, 0.0]  # loss sum, correct, samples (this epoch, all ranks)
+        batches = iter(self.loader)
+        for step in range(self.steps_per_epoch):
+            if self._stop_requested():
+                break
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["peak"] * lr_factor(self.global_step, self.total_steps, self.warmup_steps,
+                                                        cfg.optim.schedule, cfg.optim.min_lr_ratio)
+            self.head.margin = self._margin(epoch + step / self.steps_per_epoch)
+            loss_sum, correct, count = 0.0, 0.0, 0
+            for _ in range(accum):
+                features, labels = next(batches)
+                features = features.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                with autocast(self.device, self.precision):
+                    loss, cos = wrapped(features, labels)
+                if self.anchor is not None and not head_only:
+                    loss = loss + 0.5 * cfg.freeze.l2_sp * sum(((p - a) ** 2).sum() for p, a in zip(self.trainable, self.anchor))
+                self.scaler.scale(loss / accum).backward()
+                loss_sum += loss.item() * len(labels)
+                correct += (cos.argmax(dim=1) == labels).sum().item()
+                count += len(labels)
+            self.scaler.unscale_(self.optimizer)
+            if cfg.optim.grad_clip is not None:
+                nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip)
+            loss_sum, correct, count, bad = self.dist.all_sum([loss_sum, correct, count, 0.0 if math.isfinite(loss_sum) else 1.0])
+            if bad:
+                raise TrainingDiverged(
+                    f"the loss became {'NaN' if math.isnan(loss_sum) else 'infinite'} at epoch {epoch + 1}, step {step + 1}; "
+                    f"stopped without saving it. The last good checkpoint is {self.run_dir / 'last.ckpt'}: "
+                    "lower the learning rate (optim.lr) or enable gradient clipping (optim.grad_clip)"
+                )
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+            steps_done_here += 1
+            totals = [totals[0] + loss_sum, totals[1] + correct, totals[2] + count]
+            if self.dist.is_main:
+                elapsed = time.monotonic() - started
+                remaining = self.total_steps - self.global_step
+                self.sink(StepEnded(epoch + 1, step + 1, self.steps_per_epoch, self.global_step, loss_sum / count,
+                                    correct / count, self.optimizer.param_groups[-1]["lr"], self.head.margin,
+                                    elapsed / steps_done_here * remaining))
+        return totals[0] / max(1.0, totals[2]), totals[1] / max(1.0, totals[2]), steps_done_here
+
+    # ---------------------------------------------------------------------------- validation
+    def _validate(self) -> tuple[float, float]:
+        """Validation EER and minDCF (rank 0 measures; every rank learns the result)."""
+        result = [math.nan, math.nan]
+        if self.dist.is_main:
+            metrics = self._evaluate_current().metrics
+            result = [metrics.eer, metrics.min_dcf]
+        if self.dist.enabled:
+            result = self.dist.all_sum(result if self.dist.is_main else [0.0, 0.0])
+        return result[0], result[1]
+
+    def _evaluate_current(self):
+        model = self.model
+        try:
+            embedder = Embedder(model, self.device)  # puts the model in eval mode
+            return evaluate(embedder, self.val_recordings, self.val_trials)
+        finally:
+            model.train()
+
+    def _final_report(self) -> dict[str, Any] | None:
+        """Evaluate the best checkpoint on the validation trials and write the run's report."""
+        best = self.run_dir / "best.ckpt"
+        if not best.exists():
+            return None
+        embedder = Embedder(load_model(best).model, self.device)
+        evaluation = evaluate(embedder, self.val_recordings, self.val_trials)
+        write_report(self.run_dir / "report", evaluation.metrics, evaluation.scores, evaluation.labels,
+                     evaluation.trials)
+        return evaluation.metrics.to_dict()
+
+    # --------------------------------------------------------------------------- checkpoints
+    def _state(self, epoch: int, with_optimiser: bool) -> dict[str, Any]:
+        state = {
+            "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+            "speakers": self.speakers,
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "best_eer": self.best_eer,
+            "best_epoch": self.best_epoch,
+            "stale_epochs": self.stale_epochs,
+            "initial_eer": self.initial_eer,
+            "config": self.config.model_dump(mode="json"),
+        }
+        if with_optimiser:
+            state |= {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                      "rng": {"torch": torch.get_rng_state()}}
+        return state
+
+    def _save(self, epoch: int, is_best: bool) -> None:
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
+        model = copy.deepcopy(self.model).float().to(memory_format=torch.contiguous_format)
+        _save_atomically(embedding_checkpoint(model, self.variant, **self._state(epoch, True)), self.run_dir / "last.ckpt")
+        if is_best:
+            _save_atomically(embedding_checkpoint(model, self.variant, **self._state(epoch, False)), self.run_dir / "best.ckpt")
+        self.dist.barrier()
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        model_state = {k: v for k, v in checkpoint["model"].items()}
+        self.model.load_state_dict(model_state)
+        self.head.load_state_dict(checkpoint["head"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        self.start_epoch = checkpoint["epoch"]
+        self.global_step = checkpoint["global_step"]
+        self.best_eer = checkpoint["best_eer"]
+        self.best_epoch = checkpoint["best_epoch"]
+        self.stale_epochs = checkpoint["stale_epochs"]
+        self.initial_eer = checkpoint["initial_eer"]
+        if checkpoint["speakers"] != self.speakers:
+            raise SpkftError("cannot resume: the training speakers differ from the interrupted run's")
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.dist.is_main and metrics.exists():
+            # Epochs after the checkpoint were lost with the process; they will be logged again.
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] <= self.start_epoch]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    def cleanup(self) -> None:
+        self.dist.close()

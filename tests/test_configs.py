@@ -1,0 +1,185 @@
+"""The training config: every problem reported at once, unknown keys, overrides, paths; and the
+example configs in configs/, each loaded, checked and printed back through ``spkft train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from spkft.core.train import ConfigError, TrainConfig, check_paths, load_config
+from spkft.tui.cli import app
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EXAMPLES = sorted(CONFIGS.glob("*.yaml"))
+PRETRAINED = Path("pretrained/pretrained_eres2netv2w24s4ep4.ckpt")
+UPSTREAM_LR = 0.2  # 3D-Speaker's learning rate when training ERes2NetV2 from scratch
+runner = CliRunner()
+
+
+def written(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems_of(*args) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(*args)
+    error = caught.value
+    assert str(error).startswith(f"{len(error.problems)} problem(s) in the configuration: ")
+    assert "\n" not in str(error)
+    return error.problems
+
+
+# ------------------------------------------------------------------------------ the schema
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = written(tmp_path, "optim:\n  lr: -1\nrun:\n  epochs: 0\nhead:\n  margin: 1.5\nfreeze:\n  stages: erly\n")
+    problems = problems_of(path)
+    assert len(problems) == 4
+    assert sorted(p.split(":")[0] for p in problems) == ["freeze.stages", "head.margin", "optim.lr", "run.epochs"]
+    assert "expected a preset (none, early, encoder) or a list of stages, got 'erly'" in " ".join(problems)
+
+
+def test_file_and_override_problems_are_reported_together(tmp_path):
+    path = written(tmp_path, "augment:\n  noise_snr_db: [15, 0]\n"
+                             "model:\n  variant: eres2netv3\n  args: {m_chanels: 8}\n")
+    problems = problems_of(path, {"run.seed": -1})
+    assert sorted(problems) == [
+        "augment.noise_snr_db: the low SNR must not exceed the high one",
+        "model.args: unknown model argument(s) m_chanels; valid ones: baseWidth, embedding_size, expansion, "
+        "feat_dim, m_channels, num_blocks, scale, two_emb_layer",
+        "model.variant: unknown variant 'eres2netv3'; choose one of: eres2netv2, eres2netv2_w24s4ep4",
+        "run.seed: Input should be greater than or equal to 0",
+    ]
+
+
+def test_unknown_keys_are_refused_at_any_depth_with_their_path(tmp_path):
+    path = written(tmp_path, "trainer: {}\noptim:\n  lrr: 0.1\naugment:\n  crop_secs: 2\n")
+    assert sorted(problems_of(path, {"run.epoch": 3})) == [
+        "augment.crop_secs: unknown key", "optim.lrr: unknown key", "run.epoch: unknown key", "trainer: unknown key",
+    ]
+
+
+def test_an_unknown_model_argument_is_refused_at_load_time():
+    assert problems_of(None, {"model.args": {"m_chanels": 8}})[0].startswith(
+        "model.args: unknown model argument(s) m_chanels;")
+    config = load_config(None, {"model.variant": "eres2netv2", "model.args": {"m_channels": 8}})
+    assert config.model.args == {"m_channels": 8}
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    problems = problems_of(written(tmp_path, "data:\n  train: [unclosed\nrun: {epochs: 3}\n"))
+    assert len(problems) == 1 and "config.yaml: not valid YAML (" in problems[0]
+
+
+@pytest.mark.parametrize("text, kind", [("- data\n- run\n", "list"), ("42\n", "int"), ("just words\n", "str")])
+def test_a_config_that_is_not_a_mapping_is_one_line(tmp_path, text, kind):
+    assert problems_of(written(tmp_path, text)) == [
+        f"{tmp_path / 'config.yaml'}: expected a mapping of sections, found {kind}"]
+
+
+def test_an_empty_file_means_the_defaults_and_a_missing_one_is_an_error(tmp_path):
+    assert load_config(written(tmp_path, "# nothing set\n")) == TrainConfig()
+    problems = problems_of(tmp_path / "absent.yaml")
+    assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / 'absent.yaml'}: cannot read")
+
+
+def test_a_preset_or_a_list_of_stages_is_frozen():
+    assert load_config(None, {"freeze.stages": "early"}).freeze.frozen_stages() == ("stem", "layer1", "layer2")
+    assert load_config(None, {"freeze.stages": ["stem", "fuse34"]}).freeze.frozen_stages() == ("stem", "fuse34")
+    assert problems_of(None, {"freeze.stages": ["stem", "layer9"]}) == [
+        "freeze.stages: unknown stage(s) layer9; stages are "
+        "stem, layer1, layer2, layer3, layer4, layer3_ds, fuse34, seg_1"]
+
+
+def test_the_head_only_phase_must_leave_epochs_for_the_encoder():
+    problems = problems_of(None, {"freeze.head_only_epochs": 3, "run.epochs": 3})
+    assert len(problems) == 1 and "freeze.head_only_epochs must be below run.epochs" in problems[0]
+    assert load_config(None, {"freeze.head_only_epochs": 2, "run.epochs": 3}).freeze.head_only_epochs == 2
+
+
+def test_dotted_overrides_win_over_the_file(tmp_path):
+    path = written(tmp_path, "optim:\n  lr: 0.05\n  optimizer: adamw\nrun:\n  epochs: 4\n  seed: 1\n")
+    config = load_config(path, {"optim.lr": 0.002, "run.seed": 9, "run.epochs": None, "head.margin": 0.3})
+    assert (config.optim.lr, config.run.seed, config.head.margin) == (0.002, 9, 0.3)
+    assert (config.optim.optimizer, config.run.epochs) == ("adamw", 4)  # untouched, and None overrides nothing
+    assert problems_of(path, {"optim.lr.peak": 1.0}) == ["optim.lr.peak: lr is not a section"]
+
+
+def test_check_paths_lists_every_missing_path_together(tmp_path):
+    names = {"data.train": "train.csv", "data.val": "val.csv", "data.trials": "trials.txt",
+             "model.init": "model.ckpt", "augment.noise_dir": "noise", "augment.rir_dir": "rirs"}
+    config = load_config(None, {key: tmp_path / name for key, name in names.items()})
+    with pytest.raises(ConfigError) as caught:
+        check_paths(config)
+    assert caught.value.problems == [f"{key}: {tmp_path / name} does not exist" for key, name in names.items()]
+
+    with pytest.raises(ConfigError) as caught:
+        check_paths(load_config(None, {"model.init": tmp_path / "model.ckpt"}))
+    assert caught.value.problems == ["data.train: no training data given",
+                                     f"model.init: {tmp_path / 'model.ckpt'} does not exist"]
+
+    for name in ("train.csv", "val.csv", "trials.txt", "model.ckpt"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "noise").mkdir()
+    (tmp_path / "rirs").mkdir()
+    check_paths(config)
+
+
+# ------------------------------------------------------------------------------ the examples
+# A few values that say what each example is for; every file in configs/ must be listed here.
+EXPECTED = {
+    "librispeech-small.yaml": {  # the README's run on the shared LibriSpeech set
+        "data.train": Path("../shared/data/librispeech-train-clean-100-251spk/manifest.csv"),
+        "data.val_speakers": 20, "model.init": None, "model.variant": "eres2netv2", "model.args": {"m_channels": 16},
+        "freeze.stages": "encoder",
+    },
+    "finetune-w24s4ep4.yaml": {
+        "data.train": Path("data/train.csv"), "model.init": PRETRAINED, "model.variant": "eres2netv2_w24s4ep4",
+        "freeze.stages": "early", "freeze.head_only_epochs": 1, "freeze.backbone_lr_scale": 0.1,
+        "head.margin": 0.2, "head.margin_schedule": "linear", "optim.lr": 0.01, "run.patience": 2,
+    },
+    "small-data.yaml": {
+        "data.train": Path("data/train.csv"), "model.init": PRETRAINED, "freeze.stages": "encoder",
+        "head.stats_dropout": 0.3, "head.label_smoothing": 0.1, "freeze.l2_sp": 0.01,
+    },
+    "augmented.yaml": {
+        "model.init": PRETRAINED, "augment.noise_dir": Path("data/musan/noise"), "augment.rir_dir": Path("data/rirs"),
+        "augment.noise_snr_db": (0.0, 15.0), "augment.speed_perturb": True, "freeze.head_only_epochs": 1,
+    },
+}
+
+
+def setting(config: TrainConfig, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def test_every_example_config_is_checked():
+    assert {path.name for path in EXAMPLES} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_config_is_valid_and_says_what_it_is_for(path):
+    config = load_config(path)  # the schema only: the data paths are placeholders
+    assert {key: setting(config, key) for key in EXPECTED[path.name]} == EXPECTED[path.name]
+    if config.model.init is not None:
+        # Fine-tuning, as 3D-Speaker's maintainers advise: 1/10-1/100 of upstream's rate, few epochs.
+        assert UPSTREAM_LR / 100 <= config.optim.lr <= UPSTREAM_LR / 10
+        assert config.run.epochs <= 12 and config.run.patience is not None
+        assert config.model.variant == "eres2netv2_w24s4ep4"
+    if config.freeze.l2_sp > 0:
+        assert config.model.init is not None, "L2-SP pulls toward pretrained weights, so it needs model.init"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_print_config_gives_back_the_same_config(path, tmp_path):
+    result = runner.invoke(app, ["train", "--config", str(path), "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert set(yaml.safe_load(result.stdout)) == {"data", "model", "augment", "head", "freeze", "optim", "run"}
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(result.stdout)
+    assert load_config(printed) == load_config(path)

@@ -1,0 +1,192 @@
+"""``spkft train``: fine-tune from a YAML config and/or flags, with a live progress bar."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from spkft.core.train import (
+    ConfigError,
+    EpochEnded,
+    Event,
+    PhaseStarted,
+    RunFinished,
+    RunStarted,
+    StepEnded,
+    Trainer,
+    Validated,
+    load_config,
+)
+from spkft.core.train.config import FREEZE_PRESETS
+
+# What may change when a run is resumed: how long it goes on and where it runs, not what it learns.
+RESUMABLE_CHANGES = {"run.epochs", "run.patience", "run.device", "run.num_workers"}
+
+
+def _model_args(pairs: list[str]) -> dict[str, Any]:
+    args = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--model-arg")
+        args[key.strip()] = yaml.safe_load(value)
+    return args
+
+
+def _freeze(value: Optional[str]):
+    if value is None or value in FREEZE_PRESETS:
+        return value
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "args":
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class ProgressView:
+    """Turns trainer events into a rich progress bar and one line per epoch."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  lr {task.fields[lr]:.2e}"),
+            TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
+            console=console, transient=False,
+        )
+        self.task = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self.console.print(
+                f"training on {event.train_recordings} recordings of {event.train_speakers} speakers "
+                f"({event.num_classes} classes), validating on {event.val_trials} trials; "
+                f"{event.device}, {event.precision}, {event.world_size} process(es); run dir {event.run_dir}"
+            )
+            for line in event.parameters:
+                self.console.print("  " + line)
+            total = event.epochs * event.steps_per_epoch
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=total, completed=event.start_epoch * event.steps_per_epoch,
+                                               epoch=f"{event.start_epoch + 1}/{event.epochs}", loss=0.0, acc=0.0,
+                                               lr=0.0, eta="?")
+        elif isinstance(event, Validated):
+            self.console.print(f"before training: val EER {event.val_eer:.2%}  minDCF {event.val_min_dcf:.3f}")
+        elif isinstance(event, PhaseStarted):
+            self.console.print(f"epoch {event.epoch}: {event.description}")
+        elif isinstance(event, StepEnded) and self.task is not None:
+            minutes, seconds = divmod(int(event.eta_seconds), 60)
+            self.progress.update(self.task, completed=event.global_step, epoch=f"{event.epoch}", loss=event.loss,
+                                 acc=event.accuracy, lr=event.lr, eta=f"{minutes}:{seconds:02d}")
+        elif isinstance(event, EpochEnded):
+            mark = " *" if event.is_best else ""
+            wait = (f"  no improvement for {event.epochs_without_improvement}/{event.patience}"
+                    if event.patience and event.epochs_without_improvement else "")
+            self.console.print(
+                f"epoch {event.epoch}/{event.epochs}  loss {event.train_loss:.3f}  acc {event.train_accuracy:.1%}  "
+                f"val EER {event.val_eer:.2%}  minDCF {event.val_min_dcf:.3f}  "
+                f"best {event.best_eer:.2%} (epoch {event.best_epoch}){mark}{wait}  [{event.seconds:.0f} s]"
+            )
+        elif isinstance(event, RunFinished):
+            self.progress.stop()
+            how = {"completed": "finished", "early_stopped": "stopped early (no better validation EER)",
+                   "cancelled": "cancelled; the last completed epoch is kept"}[event.reason]
+            self.console.print(f"training {how}. validation EER {event.initial_eer:.2%} before, "
+                               f"best {event.best_eer:.2%} at epoch {event.best_epoch}")
+            if event.best_eer >= event.initial_eer:
+                self.console.print("no epoch beat the starting model on validation: keep using it, or try a lower "
+                                   "learning rate, more freezing (--freeze early|encoder) or more data")
+            if event.best_checkpoint:
+                self.console.print(f"best checkpoint: {event.best_checkpoint}")
+            if event.report:
+                self.console.print(f"report: {Path(event.run_dir) / 'report'}")
+
+
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config; flags override its values.")] = None,
+    train_source: Annotated[Optional[Path], typer.Option("--train", help="Training data source.")] = None,
+    val_source: Annotated[Optional[Path], typer.Option("--val", help="Validation source (default: held-out speakers).")] = None,
+    trials: Annotated[Optional[Path], typer.Option("--trials", help="Validation trial list.")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Pretrained checkpoint to fine-tune.")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="Model variant.")] = None,
+    model_arg: Annotated[list[str], typer.Option("--model-arg", help="Model constructor override KEY=VALUE (repeatable).")] = [],  # noqa: B006
+    freeze: Annotated[Optional[str], typer.Option("--freeze", help="none, early, encoder, or stages like stem,layer1.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")] = None,
+    crop_seconds: Annotated[Optional[float], typer.Option("--crop-seconds")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Run directory.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output dir from its last checkpoint.")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
+) -> None:
+    """Fine-tune ERes2NetV2 on labelled recordings, validating EER every epoch."""
+    overrides = {
+        "data.train": train_source, "data.val": val_source, "data.trials": trials, "model.init": init,
+        "model.variant": variant, "model.args": _model_args(model_arg) or None, "freeze.stages": _freeze(freeze),
+        "run.epochs": epochs, "run.batch_size": batch_size, "optim.lr": lr, "augment.crop_seconds": crop_seconds,
+        "run.output_dir": output_dir, "run.device": device, "run.seed": seed,
+    }
+    if resume:
+        resolved = _resume_config(config, output_dir, overrides)
+    else:
+        resolved = load_config(config, overrides)
+    if print_config:
+        typer.echo(resolved.to_yaml(), nl=False)
+        return
+    stop = threading.Event()
+    console = Console(stderr=True)
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupt(signum, frame):
+        if stop.is_set():  # a second Ctrl-C stops at once
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        console.print("stopping after this step (Ctrl-C again to abort)")
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        finished = Trainer(resolved, sink=ProgressView(console), stop=stop, resume=resume).run()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+    if finished.reason == "cancelled":
+        raise typer.Exit(130)
+
+
+def _resume_config(config: Optional[Path], output_dir: Optional[Path], overrides: dict[str, Any]):
+    if config is None and output_dir is None:
+        raise typer.BadParameter("--resume needs the run's --output-dir (or its --config)", param_hint="--resume")
+    first = load_config(config, overrides) if config is not None else None
+    run_dir = output_dir or first.run.output_dir
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError([f"run.output_dir: {saved_path} does not exist; nothing to resume"])
+    saved = load_config(saved_path)
+    resolved = load_config(saved_path, {k: v for k, v in overrides.items() if v is not None} | (
+        _flatten(first.model_dump(mode="json")) if first is not None else {}))
+    before, after = _flatten(saved.model_dump(mode="json")), _flatten(resolved.model_dump(mode="json"))
+    changed = sorted(k for k in before if before[k] != after[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError([f"{k}: cannot change when resuming ({before[k]!r} -> {after[k]!r})" for k in changed])
+    return resolved
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
