@@ -157,7 +157,9 @@ class RunConfig(_Section):
         "auto", description="auto: bf16 autocast on CPUs with BF16 and on CUDA, fp32 otherwise."
     )
     channels_last: bool = Field(True, description="channels_last memory format for the convolutions.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_workers: int = Field(
+        1, ge=0, description="DataLoader worker processes; one keeps crop decoding and fbank off the training threads."
+    )
     output_dir: Path = Field(Path("runs/spkft"), description="Run directory (config, metrics, checkpoints, report).")
 
 

@@ -132,9 +132,9 @@ class Trainer:
         self.steps_per_epoch = cfg.run.steps_per_epoch or max(1, len(split.train) // (per_step * self.dist.world_size))
         self.sampler = EpochSampler(len(self.dataset), self.steps_per_epoch * per_step, cfg.run.seed,
                                     self.dist.rank, self.dist.world_size)
+        # Workers start afresh each epoch: persistent ones would keep the dataset's first epoch, and so its crops.
         self.loader = DataLoader(self.dataset, batch_size=cfg.run.batch_size, sampler=self.sampler,
-                                 num_workers=cfg.run.num_workers, drop_last=True,
-                                 persistent_workers=cfg.run.num_workers > 0)
+                                 num_workers=cfg.run.num_workers, drop_last=True)
 
     def _setup_model(self) -> None:
         cfg = self.config
