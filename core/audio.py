@@ -9,7 +9,10 @@ Everything becomes one mono float32 waveform in [-1, 1] at 16 kHz:
 - other sample rates are resampled to 16 kHz with ``torchaudio.functional.resample``.
 
 Audio the model cannot embed raises a typed :class:`~spkft.core.errors.AudioError`: empty,
-undecodable, silent-only (peak below -70 dBFS) or shorter than the model's minimum.
+undecodable (float samples far outside [-1, 1] included), silent-only (peak below -70 dBFS) or
+shorter than the model's minimum; and, when the caller sets ``max_seconds`` (a server does),
+longer than that — checked from the header or byte count before anything is decoded, so a small
+compressed file cannot expand into hours.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torchaudio.functional as AF
 
 from spkft.core.errors import (
     AudioNotFoundError,
+    AudioTooLongError,
     AudioTooShortError,
     EmptyAudioError,
     InvalidPcmError,
@@ -39,6 +43,9 @@ from spkft.core.model import MIN_FRAMES
 # Peak level under which a recording is treated as silence: -70 dBFS is about 10 LSB of
 # 16-bit audio, well under any microphone's noise floor.
 SILENCE_PEAK_DBFS = -70.0
+# Float audio lives in [-1, 1]; a little over is headroom, but samples beyond +36 dBFS are not
+# audio at all — typically integer PCM sent as float32 — and would overflow fbank into NaN.
+MAX_FLOAT_PEAK = 64.0
 MIN_SECONDS = seconds_for_frames(MIN_FRAMES)
 
 AudioSource = Union[str, Path, bytes, bytearray, memoryview, BinaryIO]
@@ -71,11 +78,13 @@ def load_audio(
     min_seconds: float = MIN_SECONDS,
     start_seconds: float = 0.0,
     stop_seconds: float | None = None,
+    max_seconds: float | None = None,
 ) -> Waveform:
     """Decode a file path, encoded bytes or a binary file object into a checked :class:`Waveform`.
 
     ``name`` is what error messages call the audio (defaults to the path, or "audio").
     ``start_seconds``/``stop_seconds`` read only that segment (in the source's own time).
+    ``max_seconds``, when given, refuses longer audio with :class:`AudioTooLongError`.
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -96,12 +105,12 @@ def load_audio(
         else:
             opened = source
     try:
-        data, rate = _decode(opened, start_seconds, stop_seconds)
+        data, rate = _decode(opened, start_seconds, stop_seconds, name, max_seconds)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise UndecodableAudioError(
             f"{name}: not a readable audio file (WAV, FLAC, OGG or MP3 expected): {_first_line(exc)}"
         ) from None
-    return _finish(data, rate, name, min_seconds)
+    return _finish(data, rate, name, min_seconds, max_seconds)
 
 
 def read_samples(path: str | Path, start_seconds: float = 0.0, stop_seconds: float | None = None) -> np.ndarray:
@@ -114,7 +123,13 @@ def read_samples(path: str | Path, start_seconds: float = 0.0, stop_seconds: flo
     return resample(np.ascontiguousarray(mono), rate)
 
 
-def _decode(opened: BinaryIO | str, start_seconds: float, stop_seconds: float | None) -> tuple[np.ndarray, int]:
+def _decode(
+    opened: BinaryIO | str,
+    start_seconds: float,
+    stop_seconds: float | None,
+    name: str = "audio",
+    max_seconds: float | None = None,
+) -> tuple[np.ndarray, int]:
     """``[frames, channels]`` float32 samples of the whole source or the given segment, and the rate."""
     with sf.SoundFile(opened) as audio:
         rate = audio.samplerate
@@ -123,6 +138,7 @@ def _decode(opened: BinaryIO | str, start_seconds: float, stop_seconds: float | 
             audio.seek(first)
         # Round both ends on the sample grid, so a segment never reads past its stop.
         frames = -1 if stop_seconds is None else max(0, int(round(stop_seconds * rate)) - first)
+        _check_not_too_long((audio.frames - first if frames < 0 else frames) / rate, max_seconds, name)
         return audio.read(frames, dtype="float32", always_2d=True), rate
 
 
@@ -133,6 +149,7 @@ def decode_pcm(
     channel_count: int = 1,
     name: str = "audio",
     min_seconds: float = MIN_SECONDS,
+    max_seconds: float | None = None,
 ) -> Waveform:
     """Interpret raw little-endian interleaved PCM bytes as a checked :class:`Waveform`."""
     dtypes = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
@@ -151,15 +168,21 @@ def decode_pcm(
             f"{name}: {len(samples)} bytes is not a whole number of {sample_format} frames "
             f"of {channel_count} channel(s) ({frame_bytes} bytes each)"
         )
+    _check_not_too_long(len(samples) / frame_bytes / sample_rate_hertz, max_seconds, name)
     data = np.frombuffer(samples, dtype=dtype).reshape(-1, channel_count)
     if sample_format == "int16":
         data = data.astype(np.float32) / 32768.0
     else:
         data = data.astype(np.float32)
-    return _finish(data, sample_rate_hertz, name, min_seconds)
+    return _finish(data, sample_rate_hertz, name, min_seconds, max_seconds)
 
 
-def _finish(data: np.ndarray, rate: int, name: str, min_seconds: float) -> Waveform:
+def _check_not_too_long(seconds: float, max_seconds: float | None, name: str) -> None:
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioTooLongError(f"{name}: {seconds:.2f} s of audio is too long; at most {max_seconds:g} s is accepted")
+
+
+def _finish(data: np.ndarray, rate: int, name: str, min_seconds: float, max_seconds: float | None = None) -> Waveform:
     """Down-mix, check and resample decoded ``[frames, channels]`` float samples."""
     channels = data.shape[1] if data.ndim == 2 else 1
     if data.size == 0:
@@ -172,7 +195,13 @@ def _finish(data: np.ndarray, rate: int, name: str, min_seconds: float) -> Wavef
         raise AudioTooShortError(
             f"{name}: {duration:.3f} s of audio is too short; at least {min_seconds:.3f} s is needed"
         )
+    # Headers of compressed formats can understate the length; the decoded samples cannot.
+    _check_not_too_long(duration, max_seconds, name)
     peak = float(np.abs(mono).max())
+    if peak > MAX_FLOAT_PEAK:
+        raise UndecodableAudioError(
+            f"{name}: samples reach {peak:.3g}, far outside [-1, 1]; is integer audio being sent as float32?"
+        )
     if peak == 0.0 or 20.0 * math.log10(peak) < SILENCE_PEAK_DBFS:
         raise SilentAudioError(
             f"{name}: the audio is silent (peak below {SILENCE_PEAK_DBFS:.0f} dBFS); no speech to embed"

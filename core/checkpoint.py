@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from spkft.core.errors import CheckpointError
+from spkft.core.errors import CheckpointError, first_line
 from spkft.core.model import VARIANTS, ERes2NetV2, ERes2NetV2Config, model_config
 
 SPKFT_FORMAT = "spkft"
@@ -56,7 +56,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             + (f" ({found.group(0)})" if found else "")
         ) from None
     except Exception as exc:  # torch raises many types for damaged archives
-        raise CheckpointError(f"{path}: damaged or not a PyTorch checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: damaged or not a PyTorch checkpoint ({first_line(exc)})") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state_dict or an spkft checkpoint, found {type(obj).__name__}")
     return dict(obj)
@@ -66,11 +66,6 @@ def _is_legacy_torch_file(path: Path) -> bool:
     """Pre-1.6 ``torch.save`` files are a bare pickle stream (protocol 2 starts with 0x80 0x02)."""
     with path.open("rb") as handle:
         return handle.read(2) == b"\x80\x02"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def embedding_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:

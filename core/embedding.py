@@ -15,6 +15,7 @@ Returned embeddings are L2-normalised, so a dot product is the cosine score.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,8 @@ import torch
 from spkft.core.audio import AudioSource, Waveform, load_audio
 from spkft.core.checkpoint import load_model
 from spkft.core.errors import DeviceError
-from spkft.core.features import FRAME_SHIFT_MS, fbank
-from spkft.core.model import ERes2NetV2
+from spkft.core.features import FEATURE_DIM, FRAME_SHIFT_MS, fbank
+from spkft.core.model import ERes2NetV2, check_frames
 
 FRAMES_PER_SECOND = int(1000 / FRAME_SHIFT_MS)
 
@@ -70,8 +71,66 @@ def cosine_score(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.clip(np.dot(l2_normalise(a), l2_normalise(b)), -1.0, 1.0))
 
 
-class Embedder:
-    """Turns recordings into L2-normalised speaker embeddings with an ERes2NetV2 model."""
+class SpeakerEmbedder(ABC):
+    """Turns recordings into L2-normalised speaker embeddings; subclasses run the network.
+
+    The recording-level rules (whole up to ``max_whole_seconds``, else equal windows) live here
+    once, so the PyTorch model and its ONNX export embed a recording exactly alike.
+    """
+
+    def __init__(self, max_whole_seconds: float = 30.0, chunk_seconds: float = 10.0) -> None:
+        if chunk_seconds <= 0 or max_whole_seconds < chunk_seconds:
+            raise ValueError("need 0 < chunk_seconds <= max_whole_seconds")
+        self.max_whole_frames = int(max_whole_seconds * FRAMES_PER_SECOND)
+        self.chunk_frames = int(chunk_seconds * FRAMES_PER_SECOND)
+        self.chunks_per_batch = max(1, self.max_whole_frames // self.chunk_frames)
+
+    @property
+    @abstractmethod
+    def embedding_dim(self) -> int: ...
+
+    @abstractmethod
+    def _forward(self, features: torch.Tensor) -> np.ndarray:
+        """Raw float32 embeddings ``[batch, dim]`` of a CPU batch ``[batch, frames, 80]``."""
+
+    def raw_embeddings(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The network's own (un-normalised) output ``[batch, dim]`` for fbank ``[batch, frames, 80]``."""
+        features = torch.as_tensor(features, dtype=torch.float32).cpu()
+        if features.dim() != 3 or features.shape[-1] != FEATURE_DIM:
+            raise ValueError(f"expected features [batch, frames, {FEATURE_DIM}], got {list(features.shape)}")
+        check_frames(features.shape[1])
+        return self._forward(features)
+
+    def embed_batch(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        """L2-normalised embeddings ``[batch, dim]`` of equally long mean-normalised fbank ``[batch, frames, 80]``."""
+        return l2_normalise(self.raw_embeddings(features))
+
+    def embed_features(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The normalised embedding of one recording's mean-normalised fbank ``[frames, 80]``."""
+        features = torch.as_tensor(features, dtype=torch.float32)
+        frames = features.shape[0]
+        if frames <= self.max_whole_frames:
+            return self.embed_batch(features.unsqueeze(0))[0]
+        starts = window_starts(frames, self.chunk_frames)
+        length = math.ceil(frames / len(starts))
+        windows = torch.stack([features[s : s + length] for s in starts])
+        parts = [
+            self.embed_batch(windows[i : i + self.chunks_per_batch])
+            for i in range(0, len(windows), self.chunks_per_batch)
+        ]
+        return l2_normalise(np.concatenate(parts).mean(axis=0))
+
+    def embed_waveform(self, waveform: Waveform) -> Embedding:
+        vector = self.embed_features(fbank(waveform.tensor()))
+        return Embedding(vector.astype(np.float32), waveform.duration_seconds)
+
+    def embed(self, source: AudioSource, name: str | None = None) -> Embedding:
+        """Decode, check and embed a file path or encoded audio bytes."""
+        return self.embed_waveform(load_audio(source, name=name))
+
+
+class Embedder(SpeakerEmbedder):
+    """Speaker embeddings from an ERes2NetV2 PyTorch model."""
 
     def __init__(
         self,
@@ -80,13 +139,9 @@ class Embedder:
         max_whole_seconds: float = 30.0,
         chunk_seconds: float = 10.0,
     ) -> None:
-        if chunk_seconds <= 0 or max_whole_seconds < chunk_seconds:
-            raise ValueError("need 0 < chunk_seconds <= max_whole_seconds")
+        super().__init__(max_whole_seconds, chunk_seconds)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.max_whole_frames = int(max_whole_seconds * FRAMES_PER_SECOND)
-        self.chunk_frames = int(chunk_seconds * FRAMES_PER_SECOND)
-        self.chunks_per_batch = max(1, self.max_whole_frames // self.chunk_frames)
 
     @classmethod
     def from_checkpoint(
@@ -100,25 +155,5 @@ class Embedder:
         return self.model.config.embedding_size
 
     @torch.inference_mode()
-    def embed_features(self, features: torch.Tensor) -> np.ndarray:
-        """The normalised embedding of one recording's mean-normalised fbank ``[frames, 80]``."""
-        frames = features.shape[0]
-        features = features.to(self.device)
-        if frames <= self.max_whole_frames:
-            return l2_normalise(self.model(features.unsqueeze(0))[0].float().cpu().numpy())
-        starts = window_starts(frames, self.chunk_frames)
-        length = math.ceil(frames / len(starts))
-        windows = torch.stack([features[s : s + length] for s in starts])
-        parts = [
-            self.model(windows[i : i + self.chunks_per_batch]).float().cpu().numpy()
-            for i in range(0, len(windows), self.chunks_per_batch)
-        ]
-        return l2_normalise(l2_normalise(np.concatenate(parts)).mean(axis=0))
-
-    def embed_waveform(self, waveform: Waveform) -> Embedding:
-        vector = self.embed_features(fbank(waveform.tensor()))
-        return Embedding(vector.astype(np.float32), waveform.duration_seconds)
-
-    def embed(self, source: AudioSource, name: str | None = None) -> Embedding:
-        """Decode, check and embed a file path or encoded audio bytes."""
-        return self.embed_waveform(load_audio(source, name=name))
+    def _forward(self, features: torch.Tensor) -> np.ndarray:
+        return self.model(features.to(self.device)).float().cpu().numpy()

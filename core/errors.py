@@ -5,6 +5,12 @@ the wizard, the gRPC server) can turn them into one clear line without a traceba
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a third-party exception's message (at most 200 characters), to quote in ours."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 class SpkftError(Exception):
     """Base class of every error spkft raises for bad input or configuration."""
 
@@ -37,6 +43,10 @@ class AudioTooShortError(AudioError):
     """The audio is shorter than the model can embed."""
 
 
+class AudioTooLongError(AudioError):
+    """The audio is longer than the caller accepts (a server's duration limit)."""
+
+
 class InputTooShortError(SpkftError):
     """A feature sequence with fewer frames than the model's statistics pooling needs."""
 
@@ -55,3 +65,19 @@ class EvaluationError(SpkftError, ValueError):
 
 class DataError(SpkftError):
     """A data source, split request or trial list that cannot be used as given."""
+
+
+class EnrollmentError(SpkftError):
+    """An enrollment store that cannot be used, or a request it cannot serve."""
+
+
+class UnknownSpeakerError(EnrollmentError):
+    """A speaker that is not enrolled."""
+
+
+class ModelError(SpkftError):
+    """An exported (ONNX) model file that is missing, unreadable or not a speaker-embedding model."""
+
+
+class ExportError(SpkftError):
+    """An export that could not be written or whose result does not match the PyTorch model."""

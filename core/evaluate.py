@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from spkft.core.audio import load_audio
-from spkft.core.embedding import Embedder
+from spkft.core.embedding import SpeakerEmbedder
 from spkft.core.errors import EvaluationError
 from spkft.core.metrics import VerificationMetrics, compute_metrics
 from spkft.core.records import Recording, Trial
@@ -26,7 +26,7 @@ class Evaluation:
 
 
 def embed_recordings(
-    embedder: Embedder, recordings: Sequence[Recording], progress: Progress | None = None
+    embedder: SpeakerEmbedder, recordings: Sequence[Recording], progress: Progress | None = None
 ) -> dict[str, np.ndarray]:
     """L2-normalised embeddings by utt_id; segments are read as segments."""
     embeddings = {}
@@ -48,7 +48,7 @@ def speaker_cohort(embeddings: dict[str, np.ndarray], recordings: Sequence[Recor
 
 
 def evaluate(
-    embedder: Embedder,
+    embedder: SpeakerEmbedder,
     recordings: Sequence[Recording],
     trials: Sequence[Trial],
     cohort: Sequence[Recording] | None = None,

@@ -33,6 +33,15 @@ MIN_FRAMES = 9
 EMBEDDING_DIM = 192
 
 
+def check_frames(frames: int) -> None:
+    """Refuse feature sequences too short to embed (they would give NaN, not an error)."""
+    if frames < MIN_FRAMES:
+        raise InputTooShortError(
+            f"input has {frames} frames; ERes2NetV2 needs at least {MIN_FRAMES} "
+            f"(about {seconds_for_frames(MIN_FRAMES):.2f} s of audio)"
+        )
+
+
 @dataclass(frozen=True)
 class ERes2NetV2Config:
     """Constructor arguments of :class:`ERes2NetV2`; names match upstream's."""
@@ -227,11 +236,8 @@ class ERes2NetV2(nn.Module):
                 f"expected features [batch, frames, {self.config.feat_dim}], "
                 f"got {list(feature.shape)}"
             )
-        if not torch.onnx.is_in_onnx_export() and feature.shape[1] < MIN_FRAMES:
-            raise InputTooShortError(
-                f"input has {feature.shape[1]} frames; ERes2NetV2 needs at least {MIN_FRAMES} "
-                f"(about {seconds_for_frames(MIN_FRAMES):.2f} s of audio)"
-            )
+        if not torch.onnx.is_in_onnx_export():
+            check_frames(feature.shape[1])
         x = feature.transpose(1, 2).unsqueeze(1)  # [batch, 1, feat_dim, frames]
         x = F.relu(self.bn1(self.conv1(x)))
         out3 = self.layer3(self.layer2(self.layer1(x)))

@@ -10,6 +10,7 @@ import torch
 from spkft.core.audio import MIN_SECONDS, decode_pcm, load_audio, resample
 from spkft.core.errors import (
     AudioNotFoundError,
+    AudioTooLongError,
     AudioTooShortError,
     EmptyAudioError,
     InvalidPcmError,
@@ -142,6 +143,12 @@ def test_undecodable_inputs(tmp_path):
         decode_pcm(nan.tobytes(), 16000, "float32")
 
 
+def test_integers_sent_as_float32_are_refused(clip):
+    as_int16 = (clip * 32767).astype("<i2").tobytes()
+    with pytest.raises(UndecodableAudioError, match="(NaN|is integer audio being sent as float32)"):
+        decode_pcm(as_int16, 16000, "float32")
+
+
 def test_silence_is_refused():
     with pytest.raises(SilentAudioError, match="silent"):
         decode_pcm(np.zeros(16000, dtype="<i2").tobytes(), 16000)
@@ -157,6 +164,15 @@ def test_too_short_audio_is_refused(clip):
     just_enough = (clip[: int(round(MIN_SECONDS * 16000))] * 32767).astype("<i2")
     wave = decode_pcm(just_enough.tobytes(), 16000)
     assert fbank(wave.tensor()).shape[0] == 9
+
+
+def test_audio_over_max_seconds_is_refused_before_decoding(clip):
+    pcm = (clip * 32767).astype("<i2").tobytes()  # two seconds
+    with pytest.raises(AudioTooLongError, match="2.00 s of audio is too long; at most 1.5 s"):
+        decode_pcm(pcm, 16000, max_seconds=1.5)
+    with pytest.raises(AudioTooLongError, match="at most 1.5 s"):
+        load_audio(encode(clip, 16000, "FLAC"), max_seconds=1.5)
+    assert load_audio(encode(clip, 16000, "FLAC"), max_seconds=2.0).duration_seconds == 2.0
 
 
 @pytest.mark.parametrize(

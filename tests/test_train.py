@@ -63,6 +63,10 @@ def test_fine_tuning_lowers_validation_eer(tmp_path, fsdd_lists):
     assert (run / "report" / "det.png").is_file()
     best = load_model(run / "best.ckpt")
     assert best.checkpoint["epoch"] == finished.best_epoch and "optimizer" not in best.checkpoint
+    # Each checkpoint carries the validation result of its own epoch (export puts it into metadata).
+    assert best.checkpoint["evaluation"]["data"] == "validation"
+    assert best.checkpoint["evaluation"]["eer"] == pytest.approx(finished.best_eer)
+    assert read_checkpoint(run / "last.ckpt")["evaluation"]["eer"] == pytest.approx(lines[-1]["val_eer"])
     assert json.loads((run / "labels.json").read_text()) == sorted({"george", "jackson", "lucas", "nicolas", "theo", "yweweler"})
     assert load_config(run / "config.yaml") == Trainer.__init__.__globals__["TrainConfig"].model_validate(
         json.loads(json.dumps(read_checkpoint(run / "last.ckpt")["config"])))

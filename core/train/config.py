@@ -46,6 +46,10 @@ class DataConfig(_Section):
         0.1, gt=0, description="Speakers held out for validation when `val` is absent: a count, or a fraction below 1."
     )
     trials: Optional[Path] = Field(None, description="Validation trial list (Kaldi/3D-Speaker); generated when absent.")
+    test: Optional[Path] = Field(None, description="Test data, never trained on nor used to pick the best epoch.")
+    test_speakers: Union[int, float] = Field(
+        0, ge=0, description="Speakers held out for testing when `test` is absent: a count, or a fraction below 1; 0 = none."
+    )
     min_recordings_per_speaker: int = Field(1, ge=1, description="Speakers with fewer good recordings are excluded.")
     segment_seconds: float = Field(
         4.0, gt=0, description="Validation recordings are cut into segments this long, so one-file speakers have target trials."
@@ -234,7 +238,8 @@ def check_paths(config: TrainConfig) -> None:
     if config.data.train is None:
         problems.append("data.train: no training data given")
     for name, value in (("data.train", config.data.train), ("data.val", config.data.val),
-                        ("data.trials", config.data.trials), ("model.init", config.model.init),
+                        ("data.trials", config.data.trials), ("data.test", config.data.test),
+                        ("model.init", config.model.init),
                         ("augment.noise_dir", config.augment.noise_dir), ("augment.rir_dir", config.augment.rir_dir)):
         if value is not None and not Path(value).exists():
             problems.append(f"{name}: {value} does not exist")

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from spkft.core.checkpoint import embedding_checkpoint, load_model, read_checkpoint
-from spkft.core.data import make_trials, read_trials, segment, split_sources
+from spkft.core.data import ScanReport, Split, make_trials, read_trials, segment, split_sources
 from spkft.core.embedding import Embedder
 from spkft.core.errors import SpkftError
 from spkft.core.evaluate import evaluate
@@ -47,6 +47,15 @@ from spkft.core.train.head import AAMSoftmaxHead
 from spkft.core.train.runtime import Distributed, autocast, lr_factor, pick_device, pick_precision
 
 ALL_ENCODER = ("stem", "layer1", "layer2", "layer3", "layer4", "layer3_ds", "fuse34", "seg_1")
+
+
+def split_data(config: TrainConfig) -> tuple[Split, dict[str, ScanReport]]:
+    """The run's training, validation and test recordings, and the scan report of each source."""
+    data = config.data
+    return split_sources(
+        data.train, val_source=data.val, test_source=data.test, val=data.val_speakers, test=data.test_speakers,
+        seed=config.run.seed, min_recordings_per_speaker=data.min_recordings_per_speaker,
+    )
 
 
 class TrainingDiverged(SpkftError):
@@ -99,6 +108,7 @@ class Trainer:
         self.start_epoch, self.global_step = 0, 0
         self.best_eer, self.best_epoch, self.stale_epochs = math.inf, 0, 0
         self.initial_eer = math.nan
+        self.evaluation: dict[str, Any] | None = None  # the latest validation, saved with its checkpoints
         if self.resume:
             self._restore(read_checkpoint(self.run_dir / "last.ckpt"))
         if self.dist.is_main:
@@ -108,10 +118,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.config
-        split, self.scan_reports = split_sources(
-            cfg.data.train, val_source=cfg.data.val, val=cfg.data.val_speakers, seed=cfg.run.seed,
-            min_recordings_per_speaker=cfg.data.min_recordings_per_speaker,
-        )
+        split, self.scan_reports = split_data(cfg)
         self.split = split
         self.speakers = sorted({r.speaker for r in split.train})
         if len(self.speakers) < 2:
@@ -335,6 +342,7 @@ class Trainer:
         if self.dist.is_main:
             metrics = self._evaluate_current().metrics
             result = [metrics.eer, metrics.min_dcf]
+            self.evaluation = metrics.to_dict() | {"data": "validation"}
         if self.dist.enabled:
             result = self.dist.all_sum(result if self.dist.is_main else [0.0, 0.0])
         return result[0], result[1]
@@ -369,6 +377,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "stale_epochs": self.stale_epochs,
             "initial_eer": self.initial_eer,
+            "evaluation": self.evaluation,
             "config": self.config.model_dump(mode="json"),
         }
         if with_optimiser:

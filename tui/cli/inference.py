@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
 
-from spkft.core.embedding import Embedder, cosine_score
+from spkft.core.embedding import Embedder, SpeakerEmbedder, cosine_score
 from spkft.core.errors import AudioError
+from spkft.core.files import staged
 from spkft.core.model import VARIANTS
+from spkft.core.onnx_model import OnnxEmbedder
 
+_CHECKPOINT_HELP = "Model weights: a released 3D-Speaker .ckpt or an spkft checkpoint."
 CheckpointOption = Annotated[
-    Path,
+    Path, typer.Option("--checkpoint", "-c", help=_CHECKPOINT_HELP, envvar="SPKFT_CHECKPOINT"),
+]
+EitherCheckpointOption = Annotated[
+    Optional[Path],
+    typer.Option("--checkpoint", "-c", help=_CHECKPOINT_HELP + " Give this or --model.", envvar="SPKFT_CHECKPOINT"),
+]
+ModelOption = Annotated[
+    Optional[Path],
     typer.Option(
-        "--checkpoint", "-c",
-        help="Model weights: a released 3D-Speaker .ckpt or an spkft checkpoint.",
-        envvar="SPKFT_CHECKPOINT",
+        "--model", "-m",
+        help="An ONNX model written by 'spkft export', run with onnxruntime on the CPU. Give this or --checkpoint.",
+        envvar="SPKFT_MODEL",
     ),
 ]
 VariantOption = Annotated[
@@ -35,21 +43,38 @@ DeviceOption = Annotated[
 ]
 
 
-def _embedder(checkpoint: Path, variant: Optional[str], device: str) -> Embedder:
+def check_variant(variant: Optional[str]) -> None:
     if variant is not None and variant not in VARIANTS:
         raise typer.BadParameter(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}",
                                  param_hint="--variant")
-    return Embedder.from_checkpoint(checkpoint, variant=variant, device=device)
 
 
-def _compact(vector: np.ndarray) -> list[float]:
+def _embedder(checkpoint: Optional[Path], model: Optional[Path], variant: Optional[str], device: str) -> SpeakerEmbedder:
+    """The PyTorch checkpoint's or the ONNX model's embedder: exactly one of them must be given."""
+    check_variant(variant)
+    if (checkpoint is None) == (model is None):
+        raise typer.BadParameter("give exactly one of --checkpoint (PyTorch weights) and --model (an ONNX model)",
+                                 param_hint="--checkpoint / --model")
+    if model is None:
+        return Embedder.from_checkpoint(checkpoint, variant=variant, device=device)
+    if variant is not None:
+        raise typer.BadParameter("applies to --checkpoint only; an ONNX model's metadata names its variant",
+                                 param_hint="--variant")
+    if device != "cpu":
+        raise typer.BadParameter("--model runs on the CPU (onnxruntime); --device applies to --checkpoint only",
+                                 param_hint="--device")
+    return OnnxEmbedder.from_file(model)
+
+
+def compact_floats(vector: np.ndarray) -> list[float]:
     # Eight significant digits keep every bit of a float32 that matters and halve the text.
     return [float(f"{x:.8g}") for x in vector.tolist()]
 
 
 def embed(
     files: Annotated[list[Path], typer.Argument(help="Audio files (WAV, FLAC, OGG, MP3).", metavar="FILE...", show_default=False)],
-    checkpoint: CheckpointOption,
+    checkpoint: EitherCheckpointOption = None,
+    model: ModelOption = None,
     variant: VariantOption = None,
     device: DeviceOption = "cpu",
     output: Annotated[
@@ -62,7 +87,7 @@ def embed(
     A file that cannot be read is reported on stderr and the exit code is 1; with --output,
     nothing is written unless every file was embedded.
     """
-    embedder = _embedder(checkpoint, variant, device)
+    embedder = _embedder(checkpoint, model, variant, device)
     vectors = []
     failed = 0
     for path in files:
@@ -73,7 +98,7 @@ def embed(
             failed += 1
             continue
         if output is None:
-            record = {"path": str(path), "embedding": _compact(result.vector),
+            record = {"path": str(path), "embedding": compact_floats(result.vector),
                       "duration_seconds": round(result.duration_seconds, 4)}
             typer.echo(json.dumps(record))
         else:
@@ -83,48 +108,44 @@ def embed(
             typer.echo(f"error: {failed} of {len(files)} file(s) failed; {output} was not written", err=True)
         raise typer.Exit(1)
     if output is not None:
-        _save_npy_atomically(output, np.stack(vectors).astype(np.float32))
+        with staged(output) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, np.stack(vectors).astype(np.float32))
         typer.echo(f"wrote {len(vectors)} embedding(s) of dimension {vectors[0].shape[0]} to {output}", err=True)
-
-
-def _save_npy_atomically(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def verify(
     file_a: Annotated[Path, typer.Argument(help="First recording.", metavar="FILE_A", show_default=False)],
     file_b: Annotated[Path, typer.Argument(help="Second recording.", metavar="FILE_B", show_default=False)],
-    checkpoint: CheckpointOption,
+    checkpoint: EitherCheckpointOption = None,
+    model: ModelOption = None,
     variant: VariantOption = None,
     device: DeviceOption = "cpu",
     threshold: Annotated[
         Optional[float],
         typer.Option("--threshold", "-t", min=-1.0, max=1.0,
-                     help="Accept as the same speaker when the score is at least this."),
+                     help="Accept as the same speaker when the score is at least this. With --model, the default "
+                          "is the threshold stored at export (the validation EER threshold, or export's "
+                          "--threshold), when the model has one."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Cosine score of two recordings (and, with --threshold, the same-speaker decision)."""
-    embedder = _embedder(checkpoint, variant, device)
+    embedder = _embedder(checkpoint, model, variant, device)
+    threshold_source = None if threshold is None else "option"
+    if threshold is None and isinstance(embedder, OnnxEmbedder) and embedder.default_threshold is not None:
+        threshold, threshold_source = embedder.default_threshold, "model"
     score = cosine_score(embedder.embed(file_a).vector, embedder.embed(file_b).vector)
     accepted = None if threshold is None else score >= threshold
     if as_json:
         typer.echo(json.dumps({"file_a": str(file_a), "file_b": str(file_b), "score": round(score, 6),
-                               "threshold": threshold, "accepted": accepted}))
-    elif threshold is None:
+                               "threshold": threshold, "threshold_source": threshold_source, "accepted": accepted}))
+        return
+    if threshold is None:
         typer.echo(f"score {score:.4f}")
-    elif accepted:
-        typer.echo(f"score {score:.4f} >= threshold {threshold:.4f}: same speaker")
-    else:
-        typer.echo(f"score {score:.4f} < threshold {threshold:.4f}: different speakers")
+        return
+    decision = (f"score {score:.4f} >= threshold {threshold:.4f}: same speaker" if accepted
+                else f"score {score:.4f} < threshold {threshold:.4f}: different speakers")
+    typer.echo(decision + (" (the threshold in the model's metadata)" if threshold_source == "model" else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,379 @@
+"""gRPC serving speed of ``spkft serve`` against bare onnxruntime and sherpa-onnx, on real speech.
+
+Everything is measured in this one run and reported as ratios. For each model variant (random
+weights, exported with ``export_onnx``: speed does not depend on their values), recording length
+(real LibriSpeech speech of different speakers, cropped) and client concurrency, three engines
+embed the same 16-bit WAV recordings, each called from ``concurrency`` client threads at once:
+- ``spkft serve``: the real server (``python -m spkft.tui.cli serve`` in a subprocess on a free
+  port, its defaults but ``--threads`` and ``--workers``), called over a real channel with
+  ``Embed(Audio{content=<wav bytes>})`` through :class:`spkft.serve.client.SpeakerClient`;
+- ``onnxruntime``: ``OnnxEmbedder.embed`` in this process on the same bytes (decode, fbank, CMN,
+  onnxruntime) with one shared session: the bare cost that serving adds to;
+- ``sherpa-onnx``: its ``SpeakerEmbeddingExtractor`` (its own C++ fbank and onnxruntime) on the
+  same ONNX file, after the same ``soundfile`` decode of the bytes.
+Every engine gets the same ``--threads`` cores: onnxruntime gets ``--threads`` intra-op threads
+in-process and in sherpa-onnx; the server runs ``--workers`` inference calls at once, each with
+``--threads / --workers`` threads, as ``spkft serve`` lays out its cores by default
+(``--server-threads`` sets the threads per call instead). fbank (torch) runs with one torch thread in
+each request thread, in this process as in ``spkft serve``.
+
+The engines take turns (round-robin, the order rotating each round), so a change in the load of
+a shared machine hits them alike; each turn sends ``--requests`` requests and starts with none in
+flight. Throughput is requests / wall time of a turn; a ratio between engines is the median over
+rounds of the ratio within a round, where both saw the same load (the ratio of their best rounds
+is printed beside it). Latency percentiles pool every timed request of an engine (with fewer than
+100, p99 is about the worst). An untimed warm-up comes first: each distinct recording once per
+engine, and its embeddings give the agreement checks. Take the verdicts from an idle machine:
+with other jobs on the cores, the ratios at concurrency 8 moved between 0.76x and 1.0x from one
+quick run to the next, as the engines' different thread layouts won or lost the contended CPU.
+
+Targets (PASS/FAIL):
+- serving overhead at most 10%: the server's throughput at least 0.9x in-process onnxruntime's,
+  at every variant, length and concurrency;
+- the server's throughput at concurrency 8 at least 1.25x sherpa-onnx's;
+- agreement: the server returns the in-process embedding (cosine >= 0.99999), and sherpa-onnx,
+  reading nothing but the exported metadata, embeds each recording like spkft (cosine >= 0.99,
+  and nearest to spkft's embedding of the same recording rather than another speaker's). Its fbank
+  is not quite spkft's (mel bins up to 7600 Hz, not 8000; snip_edges false), hence not 0.99999;
+  the mean cosine of different speakers' recordings is printed for scale (random weights tell
+  speakers apart poorly).
+
+    python benchmarks/serve_speed.py [--variants V ...] [--seconds 3 10] [--concurrency 1 8 32]
+                                     [--requests 16] [--rounds 3] [--threads 2] [--workers 2]
+                                     [--server-threads N] [--clips 8] [--cache DIR]
+
+It needs sherpa-onnx (``pip install -e '.[bench]'``) and ../shared/data beside the checkout.
+Measured on the 2-core development machine while other jobs held most of it, a quick check of one
+variant, 3 s and concurrency 1 and 8 took 2 to 4 minutes (3 rounds of 16 requests, model cached)
+and about 1 minute with one round of 8 requests, plus the export on a first run (up to 2 minutes a
+variant, 41 s for eres2netv2_w24s4ep4 there; ``--cache DIR`` keeps the models for the next run):
+
+    python benchmarks/serve_speed.py --variants eres2netv2 --seconds 3 --concurrency 1 8 --rounds 3
+
+The full default run (both variants, 3 and 10 s, concurrency 1, 8 and 32, 3 rounds) sends 600
+requests per variant and length. Its length is an estimate scaled from those quick runs, not a
+measurement: about 30 minutes on an idle 2-core CPU (10 s requests of w24s4ep4 are most of it),
+and 1 to 1.5 hours on one as busy as the development machine was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+SPEECH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "librispeech-train-clean-100-251spk"
+VARIANTS = ("eres2netv2", "eres2netv2_w24s4ep4")
+SEED = 0
+SERVER, ONNXRUNTIME, SHERPA = "spkft serve", "onnxruntime", "sherpa-onnx"
+ENGINES = (SERVER, ONNXRUNTIME, SHERPA)
+
+TARGET_OVERHEAD = 0.9  # server / in-process onnxruntime throughput, at every concurrency
+TARGET_VS_SHERPA = 1.25  # server / sherpa-onnx throughput at SHERPA_CONCURRENCY
+SHERPA_CONCURRENCY = 8
+MIN_SERVER_COSINE = 0.99999  # the server must return what the model computes in-process
+MIN_SHERPA_COSINE = 0.99  # a different fbank (see the docstring), same network
+# Milliseconds per 3 s request with 2 threads, one at a time, measured before on this project's 2-core CPU.
+REFERENCE_MS = {("eres2netv2", ONNXRUNTIME): 220, ("eres2netv2", SHERPA): 229,
+                ("eres2netv2_w24s4ep4", ONNXRUNTIME): 420, ("eres2netv2_w24s4ep4", SHERPA): 503}
+
+
+def wav_bytes(samples: np.ndarray) -> bytes:
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, 16000, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def speech_clips(seconds: float, count: int) -> list[bytes]:
+    """WAV bytes of the first ``seconds`` of ``count`` recordings long enough, one per speaker."""
+    import soundfile as sf
+
+    clips = []
+    for path in sorted(SPEECH.glob("*.flac")):
+        if sf.info(path).duration >= seconds:
+            data, _ = sf.read(path, dtype="int16", frames=int(seconds * 16000))
+            clips.append(wav_bytes(data))
+        if len(clips) == count:
+            return clips
+    sys.exit(f"only {len(clips)} recordings in {SPEECH} last {seconds:g} s; ask for fewer --clips or shorter --seconds")
+
+
+def exported_model(variant: str, directory: Path) -> Path:
+    """A random-weight ONNX export of ``variant`` in ``directory``, made unless already there."""
+    import torch
+
+    from spkft.core.export import export_onnx
+    from spkft.core.model import build_model
+
+    output = directory / f"{variant}-random-seed{SEED}.onnx"
+    if output.is_file():  # export_onnx renames a file into place only once it has checked it
+        print(f"{variant}: reusing {output}", file=sys.stderr, flush=True)
+        return output
+    print(f"{variant}: exporting random weights to {output} (1-2 minutes)", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    torch.manual_seed(SEED)
+    checkpoint = directory / f"{variant}-random-seed{SEED}.ckpt"
+    torch.save(build_model(variant).state_dict(), checkpoint)
+    try:
+        export_onnx(checkpoint, output, variant=variant)
+    finally:
+        checkpoint.unlink()
+    print(f"{variant}: exported in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    return output
+
+
+@contextlib.contextmanager
+def server_threads(args) -> int:
+    """onnxruntime threads per server inference call: the engines' cores shared among the workers."""
+    return args.server_threads or max(1, args.threads // args.workers)
+
+
+def spkft_serve(model: Path, threads: int, workers: int, workdir: Path) -> Iterator[str]:
+    """``spkft serve`` on a free port of 127.0.0.1 in a subprocess; yields its address once it serves."""
+    log_path = workdir / "server.log"
+    command = [sys.executable, "-m", "spkft.tui.cli", "serve", "--model", str(model), "--port", "0",
+               "--enroll-db", str(workdir / "enrollments.sqlite"), "--threads", str(threads),
+               "--workers", str(workers)]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        # It prints its address once the model is loaded, or exits (end of file) if it cannot start.
+        announced = re.search(r"listening on (\S+)", server.stdout.readline())
+        if announced is None:
+            sys.exit(f"spkft serve did not start (exit {server.wait()}); its log:\n{log_path.read_text()}")
+        yield announced.group(1)
+    finally:
+        server.send_signal(signal.SIGTERM)  # it drains and exits
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+class SherpaEmbedder:
+    """sherpa-onnx's speaker embedding extractor: its own fbank and CMN, from the model's metadata alone."""
+
+    def __init__(self, model: Path, threads: int) -> None:
+        import sherpa_onnx
+
+        config = sherpa_onnx.SpeakerEmbeddingExtractorConfig(model=str(model), num_threads=threads)
+        if not config.validate():
+            sys.exit(f"sherpa-onnx refuses {model}: {config}")
+        self.extractor = sherpa_onnx.SpeakerEmbeddingExtractor(config)
+
+    def __call__(self, wav: bytes) -> np.ndarray:
+        import soundfile as sf
+
+        samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+        stream = self.extractor.create_stream()
+        stream.accept_waveform(rate, samples)
+        stream.input_finished()
+        return np.asarray(self.extractor.compute(stream), dtype=np.float32)
+
+
+def send(call: Callable[[bytes], np.ndarray], clips: list[bytes], concurrency: int, requests: int):
+    """``requests`` calls from ``concurrency`` threads, request i on clip i mod len(clips).
+
+    Returns the wall seconds from the first call to the last answer, each request's latency and
+    each request's embedding.
+    """
+    tickets = iter(range(requests))
+    lock = threading.Lock()
+    latencies, embeddings, errors = [0.0] * requests, [None] * requests, []
+    gate = threading.Barrier(concurrency + 1)
+
+    def client() -> None:
+        gate.wait()
+        while True:
+            with lock:
+                i = next(tickets, None)
+            if i is None or errors:
+                return
+            start = time.perf_counter()
+            try:
+                embeddings[i] = call(clips[i % len(clips)])
+            except Exception as exc:  # handed to the main thread below
+                errors.append(exc)
+                return
+            latencies[i] = time.perf_counter() - start
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    gate.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return wall, latencies, embeddings
+
+
+def agreement_of(variant: str, seconds: float, warm: dict[str, list[np.ndarray]]) -> dict:
+    """How the engines' embeddings of the same distinct recordings compare with in-process spkft's."""
+    from spkft.core.embedding import l2_normalise
+
+    spkft, sherpa = (l2_normalise(np.stack(warm[e])) for e in (ONNXRUNTIME, SHERPA))
+    served = l2_normalise(np.stack(warm[SERVER]))
+    across = sherpa @ spkft.T  # sherpa-onnx's embedding of recording i against spkft's of recording j
+    return {"variant": variant, "seconds": seconds, "recordings": len(spkft),
+            "server": float(np.sum(served * spkft, axis=1).min()),
+            "sherpa": float(np.diag(across).min()),
+            "nearest": int(np.sum(across.argmax(axis=1) == np.arange(len(spkft)))),
+            "speakers": float(np.mean((spkft @ spkft.T)[~np.eye(len(spkft), dtype=bool)]))}
+
+
+def measure_variant(args, variant: str, model: Path, clips: dict[float, list[bytes]], workdir: Path):
+    """Speed cases and agreement of one variant; see the module docstring."""
+    from spkft.core.onnx_model import OnnxEmbedder
+    from spkft.serve.client import SpeakerClient
+
+    embedder = OnnxEmbedder.from_file(model, threads=args.threads)
+    sherpa = SherpaEmbedder(model, args.threads)
+    cases, agreement = [], []
+    with spkft_serve(model, server_threads(args), args.workers, workdir) as address, \
+            SpeakerClient(address, timeout_seconds=600) as client:
+        calls = {SERVER: lambda wav: np.asarray(client.embed(wav).embedding, dtype=np.float32),
+                 ONNXRUNTIME: lambda wav: embedder.embed(wav).vector, SHERPA: sherpa}
+        for seconds, wavs in clips.items():
+            # Warm-up: each distinct recording once per engine, concurrently, which also warms the thread pools.
+            warm = {e: send(calls[e], wavs, min(len(wavs), max(args.concurrency)), len(wavs))[2] for e in ENGINES}
+            agreement.append(agreement_of(variant, seconds, warm))
+            for concurrency in args.concurrency:
+                requests = max(args.requests, concurrency)
+                timed = {e: {"walls": [], "latencies": []} for e in ENGINES}
+                for round_ in range(args.rounds):
+                    order = ENGINES[round_ % len(ENGINES):] + ENGINES[: round_ % len(ENGINES)]
+                    for engine in order:
+                        wall, latencies, _ = send(calls[engine], wavs, concurrency, requests)
+                        timed[engine]["walls"].append(wall)
+                        timed[engine]["latencies"] += latencies
+                    print(f"{variant} {seconds:g} s, concurrency {concurrency}, round {round_ + 1}/{args.rounds}: "
+                          + ", ".join(f"{e} {requests / timed[e]['walls'][-1]:.2f} req/s" for e in ENGINES),
+                          file=sys.stderr, flush=True)
+                for engine in ENGINES:
+                    cases.append({"variant": variant, "seconds": seconds, "concurrency": concurrency,
+                                  "engine": engine, "requests": requests, **timed[engine]})
+    return cases, agreement
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def paired(case: dict, baseline: dict) -> float:
+    """Median over rounds of the throughput ratio within a round: neighbouring turns saw the same load."""
+    return statistics.median(c / b for c, b in zip(case["rates"], baseline["rates"]))
+
+
+def report(args, cases: list[dict], agreement: list[dict]) -> None:
+    by_key = {(c["variant"], c["seconds"], c["concurrency"], c["engine"]): c for c in cases}
+    for case in cases:
+        case["rates"] = [case["requests"] / wall for wall in case["walls"]]
+    threads_per_call = server_threads(args)
+    print(f"\nEmbed throughput and latency: {args.threads} onnxruntime thread(s) in-process and in sherpa-onnx, "
+          f"spkft serve --threads {threads_per_call} --workers {args.workers}; {args.rounds} round(s) after a warm-up; "
+          f"'vs ort' is the median of the rounds' ratios")
+    print(f"{'variant':<22}{'audio s':>8}{'conc':>6}  {'engine':<13}{'requests':>9}{'best/s':>8}{'median/s':>10}"
+          f"{'p50 ms':>9}{'p99 ms':>9}{'vs ort':>8}")
+    for case in cases:
+        ort = by_key[(case["variant"], case["seconds"], case["concurrency"], ONNXRUNTIME)]
+        p50, p99 = np.percentile(case["latencies"], [50, 99]) * 1000
+        print(f"{case['variant']:<22}{case['seconds']:>8g}{case['concurrency']:>6}  {case['engine']:<13}"
+              f"{case['requests']:>9}{max(case['rates']):>8.2f}{statistics.median(case['rates']):>10.2f}"
+              f"{p50:>9.0f}{p99:>9.0f}{paired(case, ort):>8.2f}")
+    if args.threads == 2 and 3.0 in args.seconds and 1 in args.concurrency:
+        scale = [f"{variant} {engine} {1000 / max(case['rates']):.0f} ms (reference {ms})"
+                 for (variant, engine), ms in REFERENCE_MS.items()
+                 if (case := by_key.get((variant, 3.0, 1, engine))) is not None]
+        print("\nfor scale, the best round's ms per 3 s request, one at a time, 2 threads: " + "; ".join(scale))
+    print()
+    for a in agreement:
+        agrees = a["server"] >= MIN_SERVER_COSINE and a["sherpa"] >= MIN_SHERPA_COSINE and a["nearest"] == a["recordings"]
+        print(f"{verdict(agrees)}  agreement, {a['variant']} {a['seconds']:g} s, {a['recordings']} speakers' recordings: "
+              f"spkft serve vs in-process worst cosine {a['server']:.6f} (target >= {MIN_SERVER_COSINE}); "
+              f"sherpa-onnx vs spkft worst {a['sherpa']:.6f} (target >= {MIN_SHERPA_COSINE}), nearest to its own "
+              f"recording for {a['nearest']}/{a['recordings']}; for scale, different speakers by spkft "
+              f"{a['speakers']:.4f} on average")
+    for case in (c for c in cases if c["engine"] == SERVER):
+        key = (case["variant"], case["seconds"], case["concurrency"])
+        ort, sherpa = by_key[(*key, ONNXRUNTIME)], by_key[(*key, SHERPA)]
+        where = f"{case['variant']} {case['seconds']:g} s, concurrency {case['concurrency']}"
+        overhead = paired(case, ort)
+        print(f"{verdict(overhead >= TARGET_OVERHEAD)}  serving overhead, {where}: spkft serve / onnxruntime "
+              f"{overhead:.2f}x (target >= {TARGET_OVERHEAD:g}x; best rounds {max(case['rates']) / max(ort['rates']):.2f}x)")
+        if case["concurrency"] == SHERPA_CONCURRENCY:
+            versus = paired(case, sherpa)
+            print(f"{verdict(versus >= TARGET_VS_SHERPA)}  vs sherpa-onnx, {where}: spkft serve / sherpa-onnx "
+                  f"{versus:.2f}x (target >= {TARGET_VS_SHERPA:g}x; best rounds "
+                  f"{max(case['rates']) / max(sherpa['rates']):.2f}x; onnxruntime / sherpa-onnx {paired(ort, sherpa):.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--seconds", type=float, nargs="+", default=[3.0, 10.0], help="recording lengths (default 3 10)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
+                        help="client threads sending at once (default 1 8 32)")
+    parser.add_argument("--requests", type=int, default=16,
+                        help="requests per engine and round, raised to the concurrency if lower (default 16)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (default 3)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="cores for every engine: onnxruntime intra-op threads in-process and in sherpa-onnx, "
+                             "split among the server's workers (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="spkft serve --workers (default 2, the server's own)")
+    parser.add_argument("--server-threads", type=int,
+                        help="spkft serve --threads, onnxruntime threads per inference call (default: --threads / --workers)")
+    parser.add_argument("--clips", type=int, default=8, help="distinct recordings (speakers) per length (default 8)")
+    parser.add_argument("--cache", type=Path, help="keep exported models here and reuse them (default: a temporary directory)")
+    args = parser.parse_args()
+    if min(args.concurrency + [args.requests, args.rounds, args.threads, args.workers, args.server_threads or 1]) < 1:
+        parser.error("concurrency, requests, rounds, threads, workers and server threads must be at least 1")
+    if args.clips < 2:
+        parser.error("--clips must be at least 2: the agreement check tells speakers apart")
+    if not SPEECH.is_dir():
+        sys.exit(f"real speech not found at {SPEECH}; this benchmark needs ../shared/data beside the checkout")
+    if importlib.util.find_spec("sherpa_onnx") is None:
+        sys.exit("sherpa-onnx is not installed: pip install -e '.[bench]'")
+    import torch
+
+    started = time.monotonic()
+    # fbank runs in every request thread at once, as in spkft serve (see serve.server.run_until_signalled).
+    torch.set_num_threads(1)
+    clips = {seconds: speech_clips(seconds, args.clips) for seconds in args.seconds}
+    cases, agreement = [], []
+    with contextlib.ExitStack() as stack:
+        if args.cache is not None:
+            args.cache.mkdir(parents=True, exist_ok=True)
+            models = args.cache
+        else:
+            models = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spkft-serve-speed-")))
+        for variant in args.variants:
+            model = exported_model(variant, models)
+            with tempfile.TemporaryDirectory(prefix="spkft-serve-speed-") as workdir:
+                found = measure_variant(args, variant, model, clips, Path(workdir))
+            cases += found[0]
+            agreement += found[1]
+    report(args, cases, agreement)
+    print(f"\n(this run took {(time.monotonic() - started) / 60:.1f} minutes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Writing files so that a reader never sees half of one."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def staged(output: Path) -> Iterator[Path]:
+    """A temporary path beside ``output``, renamed onto it if the block succeeds and removed otherwise.
+
+    The caller creates the file, so it gets the usual permissions (``mkstemp``'s are owner-only).
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,53 @@
+"""Bearer-token authentication as a server interceptor.
+
+A call must carry ``authorization: Bearer <token>`` metadata, else it ends with UNAUTHENTICATED
+before reaching the service. ``grpc.health.v1.Health`` stays open, so load balancers and
+orchestrators can probe a server without holding its token; reflection is behind the token like
+the service itself.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+from grpc_health.v1 import health
+
+OPEN_SERVICES = (health.SERVICE_NAME,)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` (except to :data:`OPEN_SERVICES`)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the token must not be empty")
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        service = handler_call_details.method.lstrip("/").split("/", 1)[0]
+        if service in OPEN_SERVICES:
+            return continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization")
+        if given is not None and hmac.compare_digest(given.encode(), self._expected):
+            return continuation(handler_call_details)
+        message = "wrong bearer token" if given else "missing bearer token (metadata authorization: Bearer <token>)"
+        handler = continuation(handler_call_details)
+        if handler is None:  # an unknown method: refused too, so it reveals nothing without the token
+            return _refusal(False, False, message)
+        return _refusal(handler.request_streaming, handler.response_streaming, message)
+
+
+def _refusal(request_streaming: bool, response_streaming: bool, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the method's own kind that ends the call with UNAUTHENTICATED."""
+
+    def refuse(request_or_iterator, context: grpc.ServicerContext):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if request_streaming and response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)

@@ -1,0 +1,236 @@
+"""The gRPC speaker server: ``create_server(config)``, then ``start``, ``load`` and ``drain``.
+
+Shape of a running server:
+- a synchronous ``grpc.server`` whose thread pool (``handler_threads``) runs the RPCs: request
+  checks, audio decoding and fbank happen there, in parallel;
+- one onnxruntime session (:class:`~spkft.core.onnx_model.OnnxEmbedder`) shared by ``workers``
+  inference threads, fed by a :class:`~spkft.serve.batching.Batcher` that runs equally long
+  inputs of concurrent requests as one batch;
+- bounded work: at most ``max_queue`` inputs wait for inference (more is RESOURCE_EXHAUSTED),
+  and gRPC itself admits at most ``handler_threads + max_queue`` calls at once;
+- ``grpc.health.v1`` (NOT_SERVING until the model is loaded and again while draining, SERVING in
+  between), reflection, bearer-token auth (:mod:`spkft.serve.auth`) and TLS when configured;
+- a request is at most ``max_audio_seconds`` of 48 kHz stereo 16-bit audio (192,000 bytes a
+  second) plus 1 MiB; gRPC refuses larger messages with RESOURCE_EXHAUSTED before they are read.
+  Audio longer than ``max_audio_seconds`` is INVALID_ARGUMENT, found from its header.
+
+Enrollments live in SQLite (:class:`~spkft.core.enrollment.EnrollmentStore`), tied to the served
+model by the SHA-256 of its file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from spkft.core.enrollment import EnrollmentStore
+from spkft.core.errors import SpkftError
+from spkft.core.onnx_model import OnnxEmbedder
+from spkft.serve.auth import BearerTokenInterceptor
+from spkft.serve.batching import BatchedEmbedder, Batcher
+from spkft.serve.service import SERVICE_NAME, ServedModel, SpeakerService
+from spkft.serve.v1 import speaker_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_AUDIO_SECOND = 48_000 * 2 * 2  # 48 kHz, stereo, 16-bit
+MESSAGE_OVERHEAD_BYTES = 1 << 20
+
+
+class ServerError(SpkftError):
+    """A server that cannot start as configured (address in use, bad TLS files, bad settings)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``spkft serve`` can set; see ``spkft serve --help`` for each option."""
+
+    model: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    auth_token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    enroll_db: Path = Path("enrollments.sqlite")
+    max_audio_seconds: float = 60.0
+    threshold: float | None = None
+    threads: int | None = None
+    workers: int = 2
+    max_queue: int = 256
+    max_batch: int = 16
+    batch_wait_seconds: float = 0.005
+    handler_threads: int = 32
+    grace_seconds: float = 30.0
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_audio_seconds * BYTES_PER_AUDIO_SECOND) + MESSAGE_OVERHEAD_BYTES
+
+    def check(self) -> None:
+        """Raise :class:`ServerError` naming every setting that cannot work."""
+        problems = []
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            problems.append(f"the threshold must be in [-1, 1], got {self.threshold}")
+        if self.max_audio_seconds <= 0:
+            problems.append(f"the audio limit must be positive, got {self.max_audio_seconds} s")
+        for name in ("workers", "max_queue", "max_batch", "handler_threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be at least 1, got {self.threads}")
+        if problems:
+            raise ServerError("; ".join(problems))
+
+
+class SpeakerServer:
+    """A configured gRPC server; see the module docstring for what it holds."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        config.check()
+        self.config = config
+        self.service = SpeakerService(config.max_audio_seconds)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._handlers = ThreadPoolExecutor(max_workers=config.handler_threads, thread_name_prefix="spkft-rpc")
+        self._grpc = grpc.server(
+            self._handlers,
+            interceptors=[BearerTokenInterceptor(config.auth_token)] if config.auth_token else [],
+            options=[
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+            ],
+            maximum_concurrent_rpcs=config.handler_threads + config.max_queue,
+        )
+        pb_grpc.add_SpeakerServiceServicer_to_server(self.service, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        self.port = self._bind()
+        self._batcher: Batcher | None = None
+        self._store: EnrollmentStore | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def batcher(self) -> Batcher | None:
+        return self._batcher
+
+    def _bind(self) -> int:
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            if self.config.tls_cert is None:
+                port = self._grpc.add_insecure_port(address)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
+                )
+                port = self._grpc.add_secure_port(address, credentials)
+            failed = port == 0
+        except RuntimeError:  # how grpc reports a failed bind, with no more detail than this
+            failed = True
+        if failed:
+            raise ServerError(f"cannot listen on {address}: the port is in use or the host is not an address of this machine")
+        return port
+
+    def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+
+    def start(self) -> None:
+        """Accept calls: health answers at once; the speaker service is UNAVAILABLE until :meth:`load`."""
+        self._grpc.start()
+
+    def load(self, model: OnnxEmbedder | None = None) -> None:
+        """Load the model (from ``config.model`` unless given) and the enrollment store, then report SERVING."""
+        config = self.config
+        if model is None:
+            # The workers share the cores: more intra-op threads than cores only makes them spin.
+            threads = config.threads or max(1, _cores() // config.workers)
+            model = OnnxEmbedder.from_file(config.model, threads=threads)
+        store = EnrollmentStore(config.enroll_db, _fingerprint(config.model), model.embedding_dim)
+        default_threshold = model.default_threshold if config.threshold is None else config.threshold
+        self._batcher = Batcher(
+            model.embed_batch,
+            workers=config.workers,
+            max_queue=config.max_queue,
+            max_batch=config.max_batch,
+            max_batch_frames=model.max_whole_frames,  # no more audio per call than the model's own bound
+            max_wait_seconds=config.batch_wait_seconds,
+        )
+        self._store = store
+        self.service.serve(ServedModel(BatchedEmbedder(model, self._batcher), store, config.model.stem,
+                                       dict(model.metadata), default_threshold))
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s", config.model, self.address)
+
+    def drain(self, grace_seconds: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let calls in flight finish (up to the grace period), close."""
+        grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._grpc.stop(grace).wait()
+        if self._batcher is not None:
+            self._batcher.close()
+        if self._store is not None:
+            self._store.close()
+        self._handlers.shutdown(wait=False)
+
+
+def create_server(config: ServerConfig) -> SpeakerServer:
+    """A server bound to its port (``config.port`` 0 picks a free one; see ``.port``), not yet started."""
+    return SpeakerServer(config)
+
+
+def run_until_signalled(config: ServerConfig, on_serving: Callable[[SpeakerServer], None]) -> None:
+    """Start, load, serve until SIGTERM or SIGINT, then drain; a second signal stops at once.
+
+    Call it from the main thread: it owns the process. That is also why it gives torch a single
+    thread: fbank runs in many request threads at once, and several torch threads each fight over
+    the cores (measured: fbank of 3 s of audio takes 3 ms, or 100 ms on a busy two-core machine).
+    """
+    torch.set_num_threads(1)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server = create_server(config)
+    server.start()
+    try:
+        server.load()
+    except BaseException:
+        server.drain(0)
+        raise
+    on_serving(server)
+    while not stop.wait(0.5):  # a timed wait, so the signal handler runs promptly
+        pass
+    for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal ends the process at once
+        signal.signal(signum, signal.SIG_DFL)
+    log.info("draining: finishing calls in flight for up to %g s", config.grace_seconds)
+    server.drain()
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _fingerprint(path: Path) -> str:
+    """Identifies the served model's weights, so an enrollment store is only read by the model that made it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"

@@ -1,0 +1,203 @@
+"""The ``spkft.v1.SpeakerService`` RPCs, on a loaded model and an enrollment store.
+
+Every RPC runs in a gRPC request thread: it checks the request, decodes its audio and computes
+fbank there, and waits for the network on the shared :class:`~spkft.serve.batching.Batcher`.
+Failures leave as gRPC status codes (see :func:`status_of`): bad input is INVALID_ARGUMENT,
+an unknown speaker NOT_FOUND, a full queue RESOURCE_EXHAUSTED; anything unexpected is logged
+here with its traceback and reaches the client as INTERNAL with a reference to that log line,
+never as UNKNOWN with a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from spkft.core.audio import Waveform, decode_pcm, load_audio
+from spkft.core.embedding import Embedding, SpeakerEmbedder
+from spkft.core.enrollment import EnrollmentStore, check_speaker_id
+from spkft.core.errors import AudioError, EnrollmentError, InputTooShortError, UnknownSpeakerError
+from spkft.core.features import SAMPLE_RATE
+from spkft.serve.batching import BatcherClosedError, QueueFullError
+from spkft.serve.v1 import speaker_service_pb2 as pb
+from spkft.serve.v1 import speaker_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeakerService"].full_name
+MAX_TOP_K = 1000
+_PCM_FORMATS = {pb.SAMPLE_FORMAT_INT16: "int16", pb.SAMPLE_FORMAT_FLOAT32: "float32"}
+
+
+class InvalidRequestError(Exception):
+    """A request field that is missing or out of range."""
+
+
+class NotReadyError(Exception):
+    """The model is not loaded yet."""
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for ``exc``; unexpected errors are logged here."""
+    if isinstance(exc, UnknownSpeakerError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, (InvalidRequestError, AudioError, InputTooShortError, EnrollmentError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, (NotReadyError, BatcherClosedError)):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    reference = uuid.uuid4().hex[:12]
+    log.error("internal error %s", reference, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal server error (logged on the server as {reference})"
+
+
+def _rpc(method):
+    """Turns every exception an RPC raises into a status code and message (see :func:`status_of`)."""
+
+    @functools.wraps(method)
+    def handler(self, request, context: grpc.ServicerContext):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # every failure must become a status code, never UNKNOWN
+            code, message = status_of(exc)
+        context.abort(code, message)
+
+    return handler
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the service needs once the model is loaded."""
+
+    embedder: SpeakerEmbedder  # batched: its network calls go through the shared batcher
+    store: EnrollmentStore
+    model_name: str
+    metadata: dict[str, str]
+    default_threshold: float | None
+
+
+class SpeakerService(pb_grpc.SpeakerServiceServicer):
+    """The RPCs; UNAVAILABLE until :meth:`serve` is given the loaded model."""
+
+    def __init__(self, max_audio_seconds: float) -> None:
+        self.max_audio_seconds = max_audio_seconds
+        self._model: ServedModel | None = None
+
+    def serve(self, model: ServedModel) -> None:
+        self._model = model
+
+    @property
+    def model(self) -> ServedModel:
+        if self._model is None:
+            raise NotReadyError("the model is still loading; retry shortly")
+        return self._model
+
+    @_rpc
+    def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        embedding = self._embed(_required(request, "audio"), "audio")
+        return pb.EmbedResponse(embedding=embedding.vector.tolist(), duration_seconds=embedding.duration_seconds)
+
+    @_rpc
+    def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
+        threshold = self._threshold(request)
+        reference = request.WhichOneof("reference")
+        if reference is None:
+            raise InvalidRequestError("set reference_audio or speaker_id")
+        if reference == "speaker_id":
+            claimed = self.model.store.embedding(check_speaker_id(request.speaker_id))
+        else:
+            claimed = self._embed(request.reference_audio, "reference_audio").vector
+        test = self._embed(_required(request, "test_audio"), "test_audio").vector
+        score = float(np.clip(np.dot(claimed, test), -1.0, 1.0))
+        return pb.VerifyResponse(score=score, threshold=threshold, accepted=score >= threshold)
+
+    @_rpc
+    def EnrollSpeaker(self, request: pb.EnrollSpeakerRequest, context) -> pb.EnrollSpeakerResponse:
+        speaker_id = check_speaker_id(request.speaker_id)
+        if not request.audios:
+            raise InvalidRequestError("audios is empty: give at least one recording of the speaker")
+        # Embed every recording before storing any, so a bad one leaves the speaker unchanged.
+        vectors = [self._embed(audio, f"audios[{i}]").vector for i, audio in enumerate(request.audios)]
+        count = self.model.store.enroll(speaker_id, np.stack(vectors))
+        return pb.EnrollSpeakerResponse(speaker_id=speaker_id, utterance_count=count)
+
+    @_rpc
+    def Identify(self, request: pb.IdentifyRequest, context) -> pb.IdentifyResponse:
+        if not 0 <= request.top_k <= MAX_TOP_K:
+            raise InvalidRequestError(f"top_k must be between 0 and {MAX_TOP_K} (0 means 1), got {request.top_k}")
+        embedding = self._embed(_required(request, "audio"), "audio")
+        matches = self.model.store.identify(embedding.vector, max(1, request.top_k))
+        return pb.IdentifyResponse(matches=[pb.SpeakerMatch(speaker_id=m.speaker_id, score=m.score) for m in matches])
+
+    @_rpc
+    def ListSpeakers(self, request: pb.ListSpeakersRequest, context) -> pb.ListSpeakersResponse:
+        speakers = self.model.store.speakers()
+        return pb.ListSpeakersResponse(
+            speakers=[pb.Speaker(speaker_id=s.speaker_id, utterance_count=s.utterance_count) for s in speakers]
+        )
+
+    @_rpc
+    def DeleteSpeaker(self, request: pb.DeleteSpeakerRequest, context) -> pb.DeleteSpeakerResponse:
+        speaker_id = check_speaker_id(request.speaker_id)
+        count = self.model.store.delete(speaker_id)
+        return pb.DeleteSpeakerResponse(speaker_id=speaker_id, utterance_count=count)
+
+    @_rpc
+    def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
+        model = self.model
+        return pb.GetModelInfoResponse(
+            model_name=model.model_name,
+            embedding_dim=model.embedder.embedding_dim,
+            sample_rate_hertz=SAMPLE_RATE,
+            default_threshold=model.default_threshold,
+            metadata=model.metadata,
+        )
+
+    def _threshold(self, request: pb.VerifyRequest) -> float:
+        if request.HasField("threshold"):
+            if not (math.isfinite(request.threshold) and -1.0 <= request.threshold <= 1.0):
+                raise InvalidRequestError(f"threshold must be in [-1, 1], got {request.threshold}")
+            return request.threshold
+        if self.model.default_threshold is None:
+            raise InvalidRequestError(
+                "no threshold: the request gives none and the server has no default "
+                "(start it with --threshold, or serve a model exported with a calibrated threshold)"
+            )
+        return self.model.default_threshold
+
+    def _embed(self, audio: pb.Audio, name: str) -> Embedding:
+        return self.model.embedder.embed_waveform(self._waveform(audio, name))
+
+    def _waveform(self, audio: pb.Audio, name: str) -> Waveform:
+        source = audio.WhichOneof("source")
+        if source is None:
+            raise InvalidRequestError(f"{name} holds no audio: set content or pcm")
+        if source == "content":
+            return load_audio(audio.content, name=name, max_seconds=self.max_audio_seconds)
+        pcm = audio.pcm
+        if pcm.format not in _PCM_FORMATS:
+            # proto3 enums are open: a newer client may send a number this server has no name for.
+            label = pb.SampleFormat.Name(pcm.format) if pcm.format in pb.SampleFormat.values() else pcm.format
+            raise InvalidRequestError(f"{name}.pcm.format is {label}; use SAMPLE_FORMAT_INT16 or SAMPLE_FORMAT_FLOAT32")
+        return decode_pcm(
+            pcm.samples,
+            pcm.sample_rate_hertz,
+            _PCM_FORMATS[pcm.format],
+            pcm.channel_count or 1,
+            name=f"{name}.pcm",
+            max_seconds=self.max_audio_seconds,
+        )
+
+
+def _required(request, field: str) -> pb.Audio:
+    """The request's audio ``field``, or INVALID_ARGUMENT when it is not set."""
+    if not request.HasField(field):
+        raise InvalidRequestError(f"{field} is missing")
+    return getattr(request, field)

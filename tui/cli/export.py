@@ -1,0 +1,117 @@
+"""``spkft export``: a checkpoint to ONNX (checked against PyTorch) or to 3D-Speaker's own format."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from spkft.core.export import (
+    DEFAULT_LANGUAGE,
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    ExportResult,
+    export_3dspeaker,
+    export_onnx,
+)
+from spkft.tui.cli.inference import CheckpointOption, VariantOption, check_variant
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    threedspeaker = "3dspeaker"
+
+
+class Quantization(str, Enum):
+    int8 = "int8"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _summary(result: ExportResult) -> list[str]:
+    parity = result.parity
+    kind = f"ONNX opset {result.opset}" if result.format == "onnx" else "3D-Speaker state_dict"
+    checked = (f"batch sizes {', '.join(map(str, parity.batch_sizes))}; "
+               f"lengths {', '.join(map(str, parity.frame_counts))} frames")
+    against = "onnxruntime vs PyTorch" if result.format == "onnx" else "reloaded vs original"
+    lines = [
+        f"wrote {result.output} ({kind}, {_megabytes(result.size_bytes)}) in {result.seconds:.1f} s",
+        f"parity, {against}: worst cosine {parity.worst_cosine:.7f}, max abs diff {parity.max_abs_diff:.2g} ({checked})",
+    ]
+    if result.quantized is not None:
+        q = result.quantized
+        lines.append(
+            f"int8: wrote {q.path} ({_megabytes(q.size_bytes)}, {q.size_bytes / result.size_bytes:.0%} of fp32); "
+            f"against fp32: worst cosine {q.agreement.worst_cosine:.5f}, mean {q.agreement.mean_cosine:.5f}"
+        )
+    if result.metadata:
+        lines.append("metadata:")
+        lines.extend(f"  {key} = {value}" for key, value in result.metadata.items())
+    return lines
+
+
+def export_command(
+    checkpoint: CheckpointOption,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="File to write (model.onnx, or a .ckpt with --format 3dspeaker).",
+                           show_default=False),
+    ],
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="onnx: an ONNX model with metadata, for onnxruntime, sherpa-onnx and spkft "
+                                      "serve. 3dspeaker: the plain embedding-model state_dict of upstream's "
+                                      "pretrained_*.ckpt, for 3D-Speaker's own tools."),
+    ] = ExportFormat.onnx,
+    opset: Annotated[
+        Optional[int], typer.Option("--opset", min=MIN_OPSET, max=MAX_OPSET,
+                                    help=f"ONNX opset version [default: {DEFAULT_OPSET}].")
+    ] = None,
+    quantize: Annotated[
+        Optional[Quantization],
+        typer.Option("--quantize", help="Also write a dynamically quantized copy beside the output "
+                                        "(<name>.int8.onnx) and report its size and agreement with fp32."),
+    ] = None,
+    language: Annotated[
+        Optional[str], typer.Option("--language", help="Free-text 'language' metadata (sherpa-onnx shows it) "
+                                                       f"[default: {DEFAULT_LANGUAGE}].")
+    ] = None,
+    threshold: Annotated[
+        Optional[float],
+        typer.Option("--threshold", "-t", min=-1.0, max=1.0,
+                     help="Decision threshold stored in the metadata as the default for serving and verify "
+                          "[default: the checkpoint's validation EER threshold, if it has one]."),
+    ] = None,
+    variant: VariantOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Export a checkpoint and check the result against the PyTorch model before writing it.
+
+    The ONNX model has input 'feature' [batch, frames, 80] (mean-normalised fbank) and output
+    'embedding' [batch, 192]; nothing is written unless onnxruntime's embeddings match PyTorch's
+    (cosine >= 0.99999) for several batch sizes and lengths.
+    """
+    check_variant(variant)
+    onnx_options = {"opset": opset, "quantize": quantize and quantize.value, "language": language,
+                    "threshold": threshold}
+    given = {name: value for name, value in onnx_options.items() if value is not None}
+    if export_format is ExportFormat.threedspeaker:
+        if given:
+            shown = ", ".join(f"--{name}" for name in given)
+            raise typer.BadParameter(f"{shown} only apply to --format onnx", param_hint="--format")
+        result = export_3dspeaker(checkpoint, output, variant=variant)
+    else:
+        result = export_onnx(checkpoint, output, variant=variant, **given)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        typer.echo("\n".join(_summary(result)))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)

@@ -1,0 +1,73 @@
+"""``spkft serve``: the gRPC speaker service on an exported ONNX model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from spkft.serve.server import ServerConfig, SpeakerServer, run_until_signalled
+
+
+def serve(
+    model: Annotated[
+        Path,
+        typer.Option("--model", "-m", help="The ONNX model to serve (written by spkft export).",
+                     envvar="SPKFT_MODEL", dir_okay=False),
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on; 0 picks a free one.")] = 50051,
+    auth_token: Annotated[
+        Optional[str],
+        typer.Option("--auth-token", envvar="SPKFT_AUTH_TOKEN", show_default=False,
+                     help="Require 'authorization: Bearer <token>' on every call (health checks excepted)."),
+    ] = None,
+    tls_cert: Annotated[
+        Optional[Path], typer.Option("--tls-cert", dir_okay=False, help="PEM certificate chain: serve over TLS.")
+    ] = None,
+    tls_key: Annotated[Optional[Path], typer.Option("--tls-key", dir_okay=False, help="PEM private key of --tls-cert.")] = None,
+    enroll_db: Annotated[
+        Path, typer.Option("--enroll-db", dir_okay=False, help="SQLite file of enrolled speakers (created if missing).")
+    ] = Path("enrollments.sqlite"),
+    max_audio_seconds: Annotated[
+        float, typer.Option("--max-audio-seconds", min=0.1, help="Refuse recordings longer than this.")
+    ] = 60.0,
+    threshold: Annotated[
+        Optional[float],
+        typer.Option("--threshold", min=-1.0, max=1.0, show_default=False,
+                     help="Verify's default threshold [default: the model's calibrated threshold]."),
+    ] = None,
+    threads: Annotated[
+        Optional[int], typer.Option("--threads", min=1, show_default=False,
+                                    help="onnxruntime threads per inference call [default: cores / workers].")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Inference calls run at once.")] = 2,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", min=1, help="Requests that may wait for inference; more are RESOURCE_EXHAUSTED.")
+    ] = 256,
+    grace_seconds: Annotated[
+        float, typer.Option("--grace-seconds", min=0.0, help="On SIGTERM, how long calls in flight may take to finish.")
+    ] = 30.0,
+) -> None:
+    """Serve speaker embedding, verification, enrollment and identification over gRPC until SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        model=model, host=host, port=port, auth_token=auth_token or None, tls_cert=tls_cert, tls_key=tls_key,
+        enroll_db=enroll_db, max_audio_seconds=max_audio_seconds, threshold=threshold, threads=threads,
+        workers=workers, max_queue=max_queue, grace_seconds=grace_seconds,
+    )
+
+    def announce(server: SpeakerServer) -> None:
+        security = ", ".join(
+            ["TLS" if tls_cert else "plaintext", "bearer token required" if config.auth_token else "no auth"]
+        )
+        typer.echo(f"spkft serve: listening on {server.address} ({security}); model {model}, enrollments in {enroll_db}")
+
+    run_until_signalled(config, announce)
+    typer.echo("spkft serve: stopped")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
