@@ -1,0 +1,438 @@
+"""spkft-tui driven as a person would: the whole wizard on real speech and a tiny model, Back,
+Cancel and resume, every kind of refused value, and a saved config as the starting point."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from textual.pilot import Pilot
+from textual.widgets import Button, DirectoryTree, RadioButton, SelectionList, Static
+
+from spkft.core.export import MIN_COSINE
+from spkft.core.train import load_config
+from spkft.core.train.config import FREEZE_PRESETS
+from spkft.tui.wizard.app import WizardApp
+from spkft.tui.wizard.dialogs import ErrorDialog, PromptDialog
+from spkft.tui.wizard.draft import Draft
+from spkft.tui.wizard.fields import InputField
+from spkft.tui.wizard.pickers import PathPicker
+from spkft.tui.wizard.step import StepScreen
+from spkft.tui.wizard.steps.model import WidthField
+from wizard_scenes import SCENES, TINY_CHECKPOINT, app_at
+
+pytestmark = pytest.mark.asyncio
+SIZE = (100, 40)
+# Longest a tiny run may take on a busy 2-core machine before a wait counts as hung.
+DEADLINE_SECONDS = 600
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch, reference_dir) -> Path:
+    """An empty working folder: the scenes write their demo set and links there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+async def settle(pilot: Pilot) -> None:
+    """Wait until no step has work in flight and every message it sent is handled.
+
+    Only the steps' own workers count: some widgets (the file tree) keep one running for good.
+    """
+    app = pilot.app
+    while True:
+        await pilot.pause()
+        busy = [w for w in app.workers if isinstance(w.node, StepScreen) and not w.is_finished]
+        if not busy:
+            await pilot.pause()
+            return
+        await app.workers.wait_for_complete(busy)
+
+
+async def wait_for(pilot: Pilot, condition, what: str) -> None:
+    """Let the app run until ``condition()`` holds (work on other threads reports by message)."""
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        await pilot.pause(0.1)
+
+
+def step(app: WizardApp) -> StepScreen:
+    assert isinstance(app.screen, StepScreen), f"expected a step, found {app.screen!r}"
+    return app.screen
+
+
+def field(app: WizardApp, key: str) -> InputField:
+    return next(f for f in step(app).query(InputField) if f.key == key)
+
+
+async def type_into(pilot: Pilot, key: str, text: str) -> InputField:
+    target = field(pilot.app, key)
+    target.input.value = text
+    await pilot.pause()
+    return target
+
+
+async def press(pilot: Pilot, selector: str) -> None:
+    step(pilot.app).query_one(selector, Button).press()
+    await pilot.pause()
+
+
+async def next_step(pilot: Pilot, expected: int) -> None:
+    await pilot.press("ctrl+n")
+    await settle(pilot)
+    assert step(pilot.app).NUMBER == expected, step(pilot.app).query_one("#status", Static).render()
+
+
+def status(app: WizardApp) -> str:
+    return str(step(app).query_one("#status", Static).render())
+
+
+def run_config(librispeech_dir: Path, reference_dir: Path, output_dir: Path, **run) -> Draft:
+    """A draft ready for step 6: the tiny checkpoint on LibriSpeech, a few short steps."""
+    config = load_config(None, {
+        "data.train": librispeech_dir / "manifest.csv", "data.val_speakers": 2, "data.test_speakers": 2,
+        "model.init": reference_dir / "tiny_w24s4ep4_m8.ckpt", "augment.crop_seconds": 0.5,
+        "run.batch_size": 2, "run.num_workers": 0, "run.device": "cpu", "run.output_dir": output_dir,
+        **{f"run.{k}": v for k, v in run.items()},
+    })
+    return Draft(config=config, resume=False)
+
+
+# ------------------------------------------------------------------------ the whole wizard
+async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monkeypatch, librispeech_dir,
+                                                                  reference_dir):
+    monkeypatch.chdir(tmp_path)
+    app = WizardApp()
+    async with app.run_test(size=SIZE) as pilot:
+        # 1 Data: scan real speech, hold out speakers for validation and test.
+        await type_into(pilot, "data.train", str(librispeech_dir))
+        await type_into(pilot, "data.val_speakers", "2")
+        await type_into(pilot, "data.test_speakers", "2")
+        await press(pilot, "#scan")
+        await settle(pilot)
+        assert "251 speakers · 251 recordings" in str(step(app).query_one("#summary", Static).render())
+        assert "Training 247 speakers" in str(step(app).query_one("#split", Static).render())
+        await next_step(pilot, 2)
+
+        # 2 Model: the tiny checkpoint, its variant read off the file.
+        await type_into(pilot, "model.init", str(reference_dir / "tiny_w24s4ep4_m8.ckpt"))
+        await press(pilot, "#load")
+        await settle(pilot)
+        info = str(step(app).query_one("#model-info", Static).render())
+        assert "eres2netv2_w24s4ep4 · m_channels 8" in info and "✓" in info
+        await next_step(pilot, 3)
+
+        # 3 Freezing: the early preset, then one more stage by hand; the total follows.
+        before = str(step(app).query_one("#total", Static).render())
+        step(app).query_one("#preset-early", RadioButton).value = True
+        await pilot.pause()
+        step(app).query_one("#stages", SelectionList).select("layer3")
+        await pilot.pause()
+        assert str(step(app).query_one("#total", Static).render()) != before
+        assert step(app).query_one("#preset-custom", RadioButton).value
+        await type_into(pilot, "freeze.head_only_epochs", "1")
+        await next_step(pilot, 4)
+
+        # 4 Hyperparameters: defaults for fine-tuning filled in, a batch size suggested, then ours.
+        assert field(app, "optim.lr").input.value == "0.01"
+        assert "Suggested" in str(step(app).query_one("#batch-advice", Static).render())
+        choices = {"optim.lr": "0.005", "run.epochs": "2", "run.batch_size": "2", "run.steps_per_epoch": "2",
+                   "augment.crop_seconds": "0.5", "run.patience": "2"}
+        for key, text in choices.items():
+            assert (await type_into(pilot, key, text)).problem is None, key
+        await next_step(pilot, 5)
+
+        # 5 Review: where it writes, a measured estimate, the config saved.
+        await type_into(pilot, "run.output_dir", str(tmp_path / "run"))
+        await settle(pilot)
+        assert "per epoch" in str(step(app).query_one("#estimate", Static).render())
+        step(app).query_one("#save-path").value = str(tmp_path / "saved.yaml")
+        await press(pilot, "#save")
+        saved = load_config(tmp_path / "saved.yaml")
+        assert saved.optim.lr == 0.005 and saved.run.epochs == 2 and saved.freeze.head_only_epochs == 1
+        assert saved.freeze.stages == ["stem", "layer1", "layer2", "layer3"]
+        assert (saved.data.val_speakers, saved.data.test_speakers) == (2, 2)
+        assert saved.model.init == reference_dir / "tiny_w24s4ep4_m8.ckpt"
+        await next_step(pilot, 6)
+
+        # 6 Train: runs to the end, curves and the epoch table filled.
+        await wait_for(pilot, lambda: app.draft.training.finished is not None, "the run to finish")
+        await pilot.pause()
+        finished = app.draft.training.finished
+        assert finished.reason in ("completed", "early_stopped") and finished.best_checkpoint
+        assert step(app).query_one("#epochs").row_count == len(app.draft.training.epochs) >= 1
+        assert "Best validation EER" in str(step(app).query_one("#best", Static).render())
+        run_config_file = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+        assert run_config_file["optim"]["lr"] == 0.005 and run_config_file["data"]["test_speakers"] == 2
+        await next_step(pilot, 7)
+
+        # 7 Evaluate: on the held-out test speakers, against the starting checkpoint.
+        comparison = app.draft.evaluation
+        assert "2 held-out test speakers" in comparison.data
+        assert 0 <= comparison.candidate.metrics.eer <= 1 and comparison.baseline is not None
+        table = step(app).query_one("#metrics", Static).content
+        assert [c.header for c in table.columns] == ["metric", "starting model", "fine-tuned", "change"]
+        assert table.columns[0]._cells[0] == "EER" and table.columns[2]._cells[0].endswith(" %")
+        assert json.loads((tmp_path / "run" / "test-report" / "metrics.json").read_text())["comparison"]
+        await next_step(pilot, 8)
+
+        # 8 Export, serve, verify, copy the snippet.
+        await press(pilot, "#export")
+        await settle(pilot)
+        assert app.draft.exported.parity.worst_cosine >= MIN_COSINE
+        assert (tmp_path / "run" / "model.onnx").is_file()
+        step(app).query_one("#port").value = "0"
+        await press(pilot, "#start-server")
+        await settle(pilot)
+        server = app.draft.server
+        assert server is not None and server.port > 0
+        await press(pilot, "#verify")
+        await settle(pilot)
+        assert str(step(app).query_one("#verdict", Static).render()).startswith("score ")
+        await press(pilot, "#copy-cli")
+        assert app.clipboard.startswith("spkft client verify ") and server.address in app.clipboard
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+    assert app.draft.server is None  # the wizard stops its server on the way out
+
+
+async def test_no_data_of_your_own_the_demo_set_is_written_and_scanned(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = WizardApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await press(pilot, "#demo")
+        assert isinstance(app.screen, PromptDialog)
+        app.screen.query_one("#answer").value = "my-demo"
+        await pilot.press("enter")
+        await settle(pilot)
+        assert field(app, "data.train").input.value == "my-demo"
+        assert app.draft.scan.synthetic and len(app.draft.scan.speakers) == 8
+        assert "SYNTHETIC" in str(step(app).query_one("#summary", Static).render())
+        await next_step(pilot, 2)
+    assert app.draft.config.data.train == Path("my-demo")
+
+
+async def test_a_checkpoint_is_picked_from_the_file_tree(scratch):
+    app = app_at(2)
+    async with app.run_test(size=SIZE) as pilot:
+        await type_into(pilot, "model.init", "")
+        field(app, "model.init").query_one(".browse", Button).press()
+        await pilot.pause()
+        assert isinstance(app.screen, PathPicker)
+        tree = app.screen.query_one(DirectoryTree)
+        await wait_for(pilot, lambda: tree.root.children, "the folder to be listed")
+        shown = {str(node.label) for node in tree.root.children}
+        assert shown == {"demo", "tiny.ckpt"}  # folders, and files of the kinds asked for
+        tree.move_cursor(next(node for node in tree.root.children if str(node.label) == "tiny.ckpt"))
+        await pilot.press("enter")
+        await pilot.pause()
+        assert field(app, "model.init").input.value == str(scratch / "tiny.ckpt")
+
+
+# ------------------------------------------------------------------------------------- Back
+async def test_back_keeps_every_choice(scratch):
+    app = app_at(3)
+    async with app.run_test(size=SIZE) as pilot:
+        step(app).query_one("#preset-encoder", RadioButton).value = True
+        await pilot.pause()
+        await next_step(pilot, 4)
+        await type_into(pilot, "optim.lr", "0.0042")
+        await pilot.press("ctrl+b")
+        await pilot.press("ctrl+b")
+        await pilot.press("ctrl+b")
+        await settle(pilot)
+        assert step(app).NUMBER == 1
+        assert field(app, "data.train").input.value == "demo"
+        assert "6 speakers" in str(step(app).query_one("#summary", Static).render())
+        assert field(app, "data.test_speakers").input.value == "2"
+        await next_step(pilot, 2)
+        assert "✓ tiny.ckpt loaded" in str(step(app).query_one("#model-info", Static).render())
+        await next_step(pilot, 3)
+        assert step(app).query_one("#preset-encoder", RadioButton).value
+        assert set(step(app).query_one("#stages", SelectionList).selected) == set(FREEZE_PRESETS["encoder"])
+        await next_step(pilot, 4)
+        assert field(app, "optim.lr").input.value == "0.0042"
+
+
+async def test_back_is_refused_while_training_runs(tmp_path, librispeech_dir, reference_dir):
+    app = WizardApp(run_config(librispeech_dir, reference_dir, tmp_path / "run", epochs=3, steps_per_epoch=2),
+                    start=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.draft.training is not None, "the run to start")
+        await pilot.press("ctrl+b")
+        await pilot.pause()
+        assert step(app).NUMBER == 6 and "Cancel it first" in status(app)
+        await press(pilot, "#cancel")
+        await wait_for(pilot, lambda: app.draft.training.finished is not None, "the run to stop")
+
+
+# ------------------------------------------------------------------------- Cancel and resume
+async def test_cancel_keeps_the_last_checkpoint_and_the_run_resumes(tmp_path, librispeech_dir, reference_dir):
+    run_dir = tmp_path / "run"
+    app = WizardApp(run_config(librispeech_dir, reference_dir, run_dir, epochs=3, steps_per_epoch=3), start=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.draft.training is not None, "the run to start")
+        log = app.draft.training
+        await wait_for(pilot, lambda: log.epochs, "the first epoch")
+        await press(pilot, "#cancel")
+        await wait_for(pilot, lambda: log.finished is not None, "the run to stop")
+        await pilot.pause()
+        assert log.finished.reason == "cancelled"
+        assert "cancelled" in str(step(app).query_one("#run-line", Static).render())
+        assert torch.load(run_dir / "last.ckpt", weights_only=True)["epoch"] == 1
+        assert step(app).query_one("#resume", Button).display
+
+        # Back in step 5 the folder holds the run: Start is refused, Resume continues it.
+        await pilot.press("ctrl+b")
+        await settle(pilot)
+        assert step(app).NUMBER == 5 and step(app).query_one("#existing-run").display
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert step(app).NUMBER == 5 and "already holds a run" in status(app)
+        await press(pilot, "#resume")
+        await settle(pilot)
+        assert step(app).NUMBER == 6
+        resumed = app.draft.training
+        await wait_for(pilot, lambda: resumed.finished is not None, "the resumed run to finish")
+    assert resumed.finished.reason == "completed"
+    assert [e.epoch for e in resumed.epochs] == [1, 2, 3]  # epoch 1 kept from before the cancel
+    assert resumed.started.start_epoch == 1
+    metrics = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------- refused values
+FIELD_ERRORS = [
+    (1, "data.train", "", "a value is needed"),
+    (1, "data.val_speakers", "0", "greater than 0"),
+    (1, "data.test_speakers", "-1", "greater than or equal to 0"),
+    (1, "data.min_recordings_per_speaker", "zero", "valid integer"),
+    (3, "freeze.head_only_epochs", "-1", "greater than or equal to 0"),
+    (3, "freeze.backbone_lr_scale", "2", "less than or equal to 1"),
+    (4, "optim.lr", "fast", "valid number"),
+    (4, "optim.lr", "0", "greater than 0"),
+    (4, "run.epochs", "0", "greater than or equal to 1"),
+    (4, "run.batch_size", "2.5", "valid integer"),
+    (4, "augment.crop_seconds", "0.1", "greater than 0.2"),
+    (4, "head.margin", "1", "less than 1"),
+    (4, "run.patience", "0", "greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize("number, key, text, reason", FIELD_ERRORS, ids=[f"{k}={t!r}" for _, k, t, _ in FIELD_ERRORS])
+async def test_a_refused_value_is_explained_and_blocks_next(scratch, number, key, text, reason):
+    app = app_at(number)
+    async with app.run_test(size=SIZE) as pilot:
+        before = app.draft.get(key)
+        refused = await type_into(pilot, key, text)
+        assert refused.problem is not None and reason in refused.problem
+        assert reason in str(refused.query_one(".field-error", Static).render())
+        assert app.draft.get(key) == before  # a refused value never reaches the config
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert step(app).NUMBER == number and "-problem" in step(app).query_one("#status").classes
+
+
+async def test_holding_out_too_many_speakers_is_refused(scratch):
+    app = app_at(1)
+    async with app.run_test(size=SIZE) as pilot:
+        await type_into(pilot, "data.val_speakers", "3")
+        await type_into(pilot, "data.test_speakers", "3")
+        split = step(app).query_one("#split", Static)
+        assert "at least one speaker must remain for training" in str(split.render())
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert step(app).NUMBER == 1 and "at least one speaker" in status(app)
+
+
+async def test_a_source_that_does_not_exist_opens_an_error_dialog(scratch):
+    app = app_at(1)
+    async with app.run_test(size=SIZE) as pilot:
+        await type_into(pilot, "data.train", "no-such-folder")
+        await press(pilot, "#scan")
+        await settle(pilot)
+        dialog = app.screen
+        assert isinstance(dialog, ErrorDialog)
+        assert "no such file or folder" in str(dialog.query_one("#error-message", Static).render())
+        assert "spkft data check" in str(dialog.query_one("#error-advice", Static).render())
+        await pilot.press("escape")
+        await pilot.pause()
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert step(app).NUMBER == 1 and "Scan the recordings first" in status(app)
+
+
+async def test_a_file_that_is_no_checkpoint_opens_an_error_dialog(scratch):
+    Path("notes.ckpt").write_text("not a checkpoint\n")
+    app = app_at(2)
+    async with app.run_test(size=SIZE) as pilot:
+        await type_into(pilot, "model.init", "notes.ckpt")
+        await press(pilot, "#load")
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorDialog)
+        assert "not a PyTorch checkpoint" in str(app.screen.query_one("#error-message", Static).render())
+        await pilot.press("escape")
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert step(app).NUMBER == 2 and "Load the checkpoint" in status(app)
+
+
+async def test_a_fresh_model_needs_a_sensible_width(scratch):
+    app = app_at(2)
+    async with app.run_test(size=SIZE) as pilot:
+        step(app).query_one("#fresh", RadioButton).value = True
+        await pilot.pause()
+        width = step(app).query_one("#m-channels")
+        width.value = "2"
+        await pilot.pause()
+        assert "between 4 and 256" in (step(app).query_one(WidthField).problem or "")
+        width.value = "8"
+        await press(pilot, "#load")
+        await settle(pilot)
+        assert app.draft.config.model.init is None and app.draft.config.model.args == {"m_channels": 8}
+        assert "a fresh eres2netv2_w24s4ep4" in str(step(app).query_one("#model-info", Static).render())
+
+
+@pytest.mark.parametrize("key, text, problem", [
+    ("freeze.head_only_epochs", "10", "head_only_epochs must be below run.epochs"),
+    ("augment.noise_dir", "no-noise-here", "augment.noise_dir: no-noise-here does not exist"),
+])
+async def test_review_lists_what_the_config_cannot_do_and_refuses_to_start(scratch, key, text, problem):
+    draft = SCENES[5]()
+    draft.set(key, text)
+    app = WizardApp(draft, start=5)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert problem in str(step(app).query_one("#problems", Static).render())
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert step(app).NUMBER == 5 and "Fix the problems" in status(app)
+
+
+# ----------------------------------------------------------------------------- saved config
+async def test_a_saved_config_prefills_every_step(scratch):
+    SCENES[1]()  # writes the demo set
+    os.symlink(TINY_CHECKPOINT, "tiny.ckpt")
+    Path("saved.yaml").write_text(yaml.safe_dump({
+        "data": {"train": "demo", "val_speakers": 2, "test_speakers": 2},
+        "model": {"init": "tiny.ckpt"}, "freeze": {"stages": "encoder"},
+        "optim": {"lr": 0.003}, "run": {"epochs": 5, "output_dir": "runs/saved"},
+    }))
+    app = WizardApp(Draft.from_config(load_config("saved.yaml")))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)  # the source is scanned on arrival
+        assert "6 speakers" in str(step(app).query_one("#summary", Static).render())
+        await next_step(pilot, 2)  # the checkpoint is loaded on arrival
+        assert "✓ tiny.ckpt loaded" in str(step(app).query_one("#model-info", Static).render())
+        await next_step(pilot, 3)
+        assert step(app).query_one("#preset-encoder", RadioButton).value
+        await next_step(pilot, 4)
+        assert field(app, "optim.lr").input.value == "0.003"  # a saved value is not replaced by a suggestion
+        assert field(app, "run.epochs").input.value == "5"
+        assert app.draft.config.run.output_dir == Path("runs/saved")

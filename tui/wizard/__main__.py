@@ -1,0 +1,3 @@
+from spkft.tui.wizard import main
+
+main()

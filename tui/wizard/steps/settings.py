@@ -1,0 +1,149 @@
+"""Step 4: the hyperparameters, each validated as typed, with defaults for this data and model."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from textual import work
+from textual.app import ComposeResult
+from textual.containers import Horizontal
+from textual.widgets import Button, Label, Static
+from textual.worker import Worker, WorkerState
+
+from spkft.core.errors import DeviceError
+from spkft.core.train.memory import BatchSuggestion, suggest_batch_size
+from spkft.core.train.runtime import pick_device
+from spkft.tui.wizard.draft import Draft
+from spkft.tui.wizard.fields import Field, InputField, PathField, SelectField
+from spkft.tui.wizard.step import StepScreen
+
+# The learning rate 3D-Speaker trains ERes2NetV2 from scratch with.
+UPSTREAM_LR = 0.2
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def median_seconds(draft: Draft) -> float:
+    return statistics.median(r.duration_seconds or 0.0 for r in draft.scan.recordings)
+
+
+def suggestions(draft: Draft) -> dict[str, Any]:
+    """Defaults for the chosen data and model: fine-tuning or not, and how long the recordings are."""
+    pretrained = draft.config.model.init is not None
+    # Crops no longer than a typical recording, so most crops hold speech rather than repeats of it.
+    crop = min(3.0, max(1.0, math.floor(median_seconds(draft) * 2) / 2))
+    return {"optim.lr": UPSTREAM_LR / 20 if pretrained else UPSTREAM_LR / 2,
+            "run.epochs": 10 if pretrained else 30,
+            "augment.crop_seconds": crop}
+
+
+def devices(current: str) -> list[tuple[str, str]]:
+    names = ["auto", "cpu"] + (["cuda"] if pick_device("auto").type == "cuda" else [])
+    if current not in names:
+        names.append(current)
+    return [(name, name) for name in names]
+
+
+class SettingsStep(StepScreen):
+    NUMBER = 4
+    HEADING = "Hyperparameters"
+
+    def __init__(self, draft: Draft) -> None:
+        super().__init__(draft)
+        if not draft.suggested:
+            for key, value in suggestions(draft).items():
+                if not draft.is_explicit(key):
+                    draft.set(key, value)
+            draft.suggested = True
+
+    def compose_body(self) -> ComposeResult:
+        draft = self.draft
+        pretrained = draft.config.model.init is not None
+        median = median_seconds(draft)
+        lr_hint = (f"Fine-tuning: 1/10–1/100 of the original {UPSTREAM_LR:g}, so {UPSTREAM_LR / 100:g}–"
+                   f"{UPSTREAM_LR / 10:g}; too high erases what the checkpoint knows." if pretrained else
+                   f"From scratch: 3D-Speaker uses {UPSTREAM_LR:g} with large multi-GPU batches.")
+        yield Label("Learning", classes="section")
+        yield InputField(draft, "optim.lr", "Learning rate", lr_hint)
+        yield SelectField(draft, "optim.optimizer", "Optimiser", [("SGD, Nesterov momentum", "sgd"), ("AdamW", "adamw")],
+                          "SGD as 3D-Speaker trains; AdamW adapts each weight's step and forgives a rougher lr.")
+        yield InputField(draft, "optim.weight_decay", "Weight decay")
+        yield InputField(draft, "run.epochs", "Epochs", "At most this many passes; early stopping may end sooner.")
+        yield InputField(draft, "run.batch_size", "Batch size", "Crops per step; more steadies the gradient, "
+                         "needs more memory.", id="batch-size")
+        with Horizontal(classes="actions"):
+            yield Static("Measuring the memory one crop takes…", id="batch-advice", markup=False)
+            yield Button("Use it", id="use-batch", compact=True, disabled=True)
+            yield Button("Measure again", id="measure-batch", compact=True)
+        yield InputField(draft, "run.steps_per_epoch", "Steps per epoch", "Blank: one pass over the training "
+                         "recordings per epoch; a number makes epochs that long.", optional=True)
+        yield Label("Schedule", classes="section")
+        yield SelectField(draft, "optim.schedule", "Schedule", [("warmup, then cosine decay", "cosine"),
+                                                                ("warmup, then constant", "constant")])
+        yield InputField(draft, "optim.warmup_epochs", "Warmup epochs")
+        yield Label("Margin head (AAM-softmax)", classes="section")
+        yield InputField(draft, "head.margin", "Margin", "How far apart the head pushes speakers (radians); "
+                         "it rises from 0 over the first epochs while the new head settles.")
+        yield InputField(draft, "head.scale", "Scale")
+        yield Label("Crops and augmentation", classes="section")
+        yield InputField(draft, "augment.crop_seconds", "Crop length (s)", f"Each step trains on random crops "
+                         f"this long; your recordings last {median:.1f} s at the median.", id="crop")
+        yield PathField(draft, "augment.noise_dir", "Noise folder", "Recordings of noise (MUSAN-style) mixed "
+                        "into crops, so the model learns to ignore it. Blank: none.", optional=True)
+        yield PathField(draft, "augment.rir_dir", "Room responses", "Room impulse responses to reverberate "
+                        "crops with. Blank: none.", optional=True)
+        yield Label("Stopping", classes="section")
+        yield InputField(draft, "run.patience", "Patience", "Stop after this many epochs without a better "
+                         "validation EER; blank: never stop early.", optional=True)
+        yield Label("Hardware", classes="section")
+        yield SelectField(draft, "run.device", "Device", devices(draft.config.run.device), "auto: the GPU when "
+                          "there is one.", id="device")
+        yield SelectField(draft, "run.precision", "Precision", [(p, p) for p in PRECISIONS])
+
+    def on_mount(self) -> None:
+        if self.draft.batch is None:
+            self.measure()
+        else:
+            self.show_batch(self.draft.batch)
+
+    def measure(self) -> None:
+        self.query_one("#batch-advice", Static).update("Measuring the memory one crop takes…")
+        self.suggest_batch(self.draft.config.augment.crop_seconds, self.draft.config.run.device)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="batch")
+    def suggest_batch(self, crop_seconds: float, device: str) -> BatchSuggestion:
+        return suggest_batch_size(self.draft.model.model, crop_seconds, pick_device(device))
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state is WorkerState.SUCCESS and event.worker.name == "suggest_batch":
+            suggestion: BatchSuggestion = event.worker.result
+            self.draft.batch = suggestion
+            if not self.draft.is_explicit("run.batch_size"):
+                self.draft.set("run.batch_size", suggestion.batch_size)
+                self.query_one("#batch-size", InputField).refresh_value()
+            self.show_batch(suggestion)
+
+    def show_batch(self, suggestion: BatchSuggestion) -> None:
+        gigabytes = suggestion.free_bytes / 2**30
+        self.query_one("#batch-advice", Static).update(
+            f"Suggested {suggestion.batch_size}: {gigabytes:.1f} GiB free, "
+            f"{suggestion.bytes_per_crop / 2**20:.0f} MiB per crop (measured).")
+        self.query_one("#use-batch", Button).disabled = False
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "use-batch" and self.draft.batch is not None:
+            self.draft.set("run.batch_size", self.draft.batch.batch_size)
+            self.query_one("#batch-size", InputField).refresh_value()
+        elif event.button.id == "measure-batch":
+            self.measure()
+
+    def blocker(self) -> str | None:
+        invalid = [field.label for field in self.query(Field) if field.problem]
+        if invalid:
+            return f"Correct {', '.join(invalid)} first."
+        try:
+            pick_device(self.draft.config.run.device)
+        except DeviceError as error:
+            return str(error)
+        return None
