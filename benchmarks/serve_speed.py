@@ -39,7 +39,7 @@ Targets (PASS/FAIL):
   speakers apart poorly).
 
     python benchmarks/serve_speed.py [--variants V ...] [--seconds 3 10] [--concurrency 1 8 32]
-                                     [--requests 16] [--rounds 3] [--threads 2] [--workers 2]
+                                     [--requests 16] [--rounds 3] [--threads 2] [--workers 1]
                                      [--server-threads N] [--clips 8] [--cache DIR]
 
 It needs sherpa-onnx (``pip install -e '.[bench]'``) and ../shared/data beside the checkout.
@@ -137,12 +137,12 @@ def exported_model(variant: str, directory: Path) -> Path:
     return output
 
 
-@contextlib.contextmanager
 def server_threads(args) -> int:
     """onnxruntime threads per server inference call: the engines' cores shared among the workers."""
     return args.server_threads or max(1, args.threads // args.workers)
 
 
+@contextlib.contextmanager
 def spkft_serve(model: Path, threads: int, workers: int, workdir: Path) -> Iterator[str]:
     """``spkft serve`` on a free port of 127.0.0.1 in a subprocess; yields its address once it serves."""
     log_path = workdir / "server.log"
@@ -338,7 +338,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2,
                         help="cores for every engine: onnxruntime intra-op threads in-process and in sherpa-onnx, "
                              "split among the server's workers (default 2)")
-    parser.add_argument("--workers", type=int, default=2, help="spkft serve --workers (default 2, the server's own)")
+    parser.add_argument("--workers", type=int, default=1, help="spkft serve --workers (default 1, the server's own)")
     parser.add_argument("--server-threads", type=int,
                         help="spkft serve --threads, onnxruntime threads per inference call (default: --threads / --workers)")
     parser.add_argument("--clips", type=int, default=8, help="distinct recordings (speakers) per length (default 8)")

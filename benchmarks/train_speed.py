@@ -8,22 +8,27 @@ Everything is measured in this one run and reported as ratios, on the CPU, on re
 - the bare step in plain fp32, channels_last fp32, bf16 autocast and bf16 + channels_last, and
   the trainer at its default precision (``run.precision: auto``, ``run.channels_last: true``);
 - the trainer with the ``early`` (stem, layer1, layer2) and ``encoder`` stages frozen;
-- the validation EER of two short runs of a small ERes2NetV2 (m_channels 16), identical but for
-  the precision: fp32 and the default.
+- the validation EER of two short runs of a small ERes2NetV2 (m_channels 8), identical but for
+  the precision: fp32 and the default. They train on the six speakers of the spoken-digit set
+  (takes 0-9 of every digit) and validate on other recordings of theirs (takes 40-49): a short
+  run learns there, so the comparison is of two models that improved, over thousands of trials.
 
 The speed cases share one process and take their steps in turns (round-robin, the order rotating
 each round), so a change in the load of a shared machine hits every case alike; each trainer runs
 its epoch in a thread that waits in its event sink between steps. The first round is warm-up
 (oneDNN builds its kernels then); a case's speed is its best timed step, and the median is shown
-to make the noise visible. Sharing a process means no per-case memory readings. Each EER run is a
-fresh process.
+to make the noise visible. "data s" is how long a trainer step waited for its batch. A loader
+worker (``run.num_workers``) also prepares batches while other cases step, so the trainer's data
+cost may be slightly understated: 25 to 50 ms of one core per batch of 8 x 3 s. Sharing a process
+means no per-case memory readings. Each EER run is a fresh process.
 
     python benchmarks/train_speed.py [--variant V] [--batch-size 8] [--crop-seconds 3] [--steps 4]
                                      [--threads 2] [--skip-eer]
 
-With the defaults (eres2netv2, 8 x 3 s, 4 timed rounds after 1 warm-up, 2 threads) it takes
-about 12 minutes on a 2-core AVX-512 BF16 CPU under moderate load (7 to 8 minutes of speed cases,
-4 of EER runs). eres2netv2_w24s4ep4 is about three times slower per step: give it --steps 2.
+With the defaults (eres2netv2, 8 x 3 s, 4 timed rounds after 1 warm-up, 2 threads) a run takes
+about 6 minutes on an idle 2-core AVX-512 BF16 CPU, and 10 to 15 when another job shares it
+(each round of the seven speed cases takes 30 s idle, up to 100 s shared; each EER run 1 to 2
+minutes). eres2netv2_w24s4ep4 is about three times slower per step: give it --steps 2.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from pathlib import Path
 
 SPEECH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "librispeech-train-clean-100-251spk"
 MANIFEST = SPEECH / "manifest.csv"
+DIGITS = SPEECH.parent / "fsdd-8khz"
+TRAIN_TAKES, VAL_TAKES = range(0, 10), range(40, 50)
 VARIANTS = ("eres2netv2", "eres2netv2_w24s4ep4")
 
 # Measured on this project's 2-core AVX-512 BF16 CPU, eres2netv2, batch 8 x 3 s.
@@ -184,10 +191,11 @@ def measure_speed(args) -> dict:
                            "frozen": freeze}
             steppers[name] = TrainerSteps(trainer)
         frames = num_frames(int(args.crop_seconds * SAMPLE_RATE))
+        reference = steppers["trainer default"].trainer
         for name, precision, channels_last in BARE_CASES:
             cases[name] = {"precision": precision, "channels_last": channels_last, "frozen": "none"}
             steppers[name] = BareLoop(args.variant, precision, channels_last, args.batch_size, frames,
-                                      trainer.dataset.num_classes, trainer.config.optim)  # as every trainer's
+                                      reference.dataset.num_classes, reference.config.optim)
         names = [name for name, *_ in BARE_CASES] + [n for n in cases if n.startswith("trainer")]
         timings = {name: [] for name in names}
         try:
@@ -211,29 +219,44 @@ def measure_speed(args) -> dict:
     return {"threads": torch.get_num_threads(), "cases": {n: cases[n] for n in names}}
 
 
+def closed_set_lists(root: Path) -> tuple[Path, Path]:
+    """Training and validation lists of the digit set's six speakers, never sharing a recording."""
+    train, val = ["path,speaker"], ["path,speaker"]
+    for path in sorted(DIGITS.glob("*.wav")):
+        _, speaker, take = path.stem.split("_")
+        if int(take) in TRAIN_TAKES:
+            train.append(f"{path},{speaker}")
+        elif int(take) in VAL_TAKES:
+            val.append(f"{path},{speaker}")
+    (root / "train.csv").write_text("\n".join(train) + "\n")
+    (root / "val.csv").write_text("\n".join(val) + "\n")
+    return root / "train.csv", root / "val.csv"
+
+
 def measure_eer(args, precision: str) -> dict:
-    """A short seeded run of a small ERes2NetV2 at ``precision`` (fp32 or auto), validated on held-out speakers."""
+    """A short seeded run of a small ERes2NetV2 at ``precision`` (fp32 or auto) on the digit set."""
     import torch
 
     from spkft.core.train import RunStarted, Trainer
 
-    torch.set_num_threads(args.threads)
-    # One epoch: the run validates before it, after it and once more for its report, and on this
-    # CPU validating costs more than training does. Two-second segments give many target trials.
-    overrides = {"model.variant": "eres2netv2", "model.args": {"m_channels": 16},
-                 "run.batch_size": args.batch_size, "augment.crop_seconds": args.crop_seconds,
-                 "run.epochs": 1, "run.steps_per_epoch": args.eer_steps, "run.precision": precision,
-                 "data.val_speakers": args.eer_val_speakers, "data.segment_seconds": 2.0,
-                 "optim.lr": args.eer_lr, "run.seed": 0}
-    started: list = []
+    # One thread: a small model's many small ops stall on a second thread whenever another job
+    # holds a core; these runs' speed is not measured. One epoch: the run validates before it,
+    # after it and once more for its report.
+    torch.set_num_threads(1)
+    events: list = []
     with tempfile.TemporaryDirectory() as tmp:
+        train, val = closed_set_lists(Path(tmp))
+        overrides = {"data.train": train, "data.val": val, "model.variant": "eres2netv2",
+                     "model.args": {"m_channels": 8}, "run.batch_size": 16, "augment.crop_seconds": 0.5,
+                     "optim.lr": 0.05, "run.epochs": 1, "run.steps_per_epoch": args.eer_steps,
+                     "run.precision": precision, "run.seed": 0}
         start = time.perf_counter()
-        trainer = Trainer(trainer_config(overrides, Path(tmp) / "run"),
-                          sink=lambda e: started.append(e) if isinstance(e, RunStarted) else None)
+        trainer = Trainer(trainer_config(overrides, Path(tmp) / "run"), sink=events.append)
         finished = trainer.run()
         seconds = time.perf_counter() - start
         epochs = [json.loads(line) for line in (Path(finished.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {"asked": precision, "precision": started[0].precision, "steps": args.eer_steps, "seconds": seconds,
+    resolved = next(e.precision for e in events if isinstance(e, RunStarted))
+    return {"asked": precision, "precision": resolved, "steps": args.eer_steps, "seconds": seconds,
             "initial_eer": finished.initial_eer, "final_eer": epochs[-1]["val_eer"], "best_eer": finished.best_eer,
             "trials": len(trainer.val_trials), "target_trials": sum(t.target for t in trainer.val_trials)}
 
@@ -241,8 +264,7 @@ def measure_eer(args, precision: str) -> dict:
 def child(args, *what: str) -> dict:
     flags = ["--variant", args.variant, "--batch-size", str(args.batch_size), "--crop-seconds", str(args.crop_seconds),
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-             "--eer-steps", str(args.eer_steps), "--eer-lr", str(args.eer_lr),
-             "--eer-val-speakers", str(args.eer_val_speakers)]
+             "--eer-steps", str(args.eer_steps)]
     out = subprocess.run([sys.executable, __file__, "--child", *what, *flags], stdout=subprocess.PIPE, text=True)
     if out.returncode != 0:
         sys.exit(f"the {' '.join(what)} case failed (exit {out.returncode}); its error is above")
@@ -273,6 +295,8 @@ def report(args, speed: dict, eer: list[dict]) -> None:
     same = bare_of[(default["precision"], default["channels_last"])]
     vs_fp32 = samples["trainer default"] / fp32
     overhead = samples["trainer default"] / samples[same]
+    # Steps of neighbouring cases in one round saw the same load; their ratio drifts least.
+    paired = statistics.median(b / t for b, t in zip(cases[same]["steps"], default["steps"]))
     print()
     print(f"reference ({REFERENCE['fp32']} -> {REFERENCE['bf16']} samples/s, eres2netv2 8 x 3 s): bare bf16 / fp32 "
           f"{samples['bare bf16'] / fp32:.2f}x (reference {REFERENCE['bf16'] / REFERENCE['fp32']:.1f}x), "
@@ -281,7 +305,8 @@ def report(args, speed: dict, eer: list[dict]) -> None:
           f"{', channels_last' if default['channels_last'] else ''}) / bare plain fp32: {vs_fp32:.2f}x "
           f"(target >= {TARGET_DEFAULT_VS_FP32:g}x)")
     print(f"{verdict(overhead >= TARGET_OVERHEAD)}  trainer default / {same} (same precision): {overhead:.2f}x "
-          f"(target >= {TARGET_OVERHEAD:g}x); the trainer adds {default['best_s'] - cases[same]['best_s']:.2f} s a step")
+          f"(target >= {TARGET_OVERHEAD:g}x; paired by round {paired:.2f}x); the trainer adds "
+          f"{default['best_s'] - cases[same]['best_s']:.2f} s a step, {default['data_s']:.2f} s of it waiting for data")
     for freeze in FREEZE_CASES[1:]:
         print(f"      freeze {freeze}: {samples[f'trainer default, freeze {freeze}'] / samples['trainer default']:.2f}x "
               f"the trainer's unfrozen speed")
@@ -290,7 +315,7 @@ def report(args, speed: dict, eer: list[dict]) -> None:
         # One binomial standard error of the fp32 EER over the target trials: the noise of so small a test.
         tolerance = (fp32_run["final_eer"] * (1 - fp32_run["final_eer"]) / fp32_run["target_trials"]) ** 0.5
         print(f"{verdict(default_run['final_eer'] <= fp32_run['final_eer'] + tolerance)}  validation EER after "
-              f"{default_run['steps']} steps (m_channels 16, {fp32_run['trials']} trials, {fp32_run['target_trials']} target): "
+              f"{default_run['steps']} steps (m_channels 8, digit set, {fp32_run['trials']} trials, {fp32_run['target_trials']} target): "
               f"{default_run['precision']} {default_run['final_eer']:.2%} vs fp32 {fp32_run['final_eer']:.2%} "
               f"(not worse by more than {tolerance:.2%}, one standard error); best {default_run['best_eer']:.2%} vs "
               f"{fp32_run['best_eer']:.2%}; initial {default_run['initial_eer']:.2%} vs {fp32_run['initial_eer']:.2%}; "
@@ -307,16 +332,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--skip-eer", action="store_true", help="leave out the two short EER runs")
     parser.add_argument("--eer-steps", type=int, default=40, help="steps of each EER run (default 40)")
-    parser.add_argument("--eer-lr", type=float, default=0.1, help="peak learning rate of the EER runs (default 0.1)")
-    parser.add_argument("--eer-val-speakers", type=int, default=20, help="speakers held out for validation (default 20)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         result = measure_speed(args) if args.child[0] == "speed" else measure_eer(args, args.child[1])
         print(json.dumps(result))
         return
-    if not MANIFEST.is_file():
-        sys.exit(f"real speech not found at {SPEECH}; this benchmark needs ../shared/data beside the checkout")
+    if not MANIFEST.is_file() or not DIGITS.is_dir():
+        sys.exit(f"real speech not found under {SPEECH.parent}; this benchmark needs ../shared/data beside the checkout")
     speed = child(args, "speed")
     eer = [] if args.skip_eer else [child(args, "eer", "fp32"), child(args, "eer", "auto")]
     report(args, speed, eer)

@@ -67,7 +67,9 @@ class ServerConfig:
     max_audio_seconds: float = 60.0
     threshold: float | None = None
     threads: int | None = None
-    workers: int = 2
+    # One inference call at a time on every core: as fast as in-process onnxruntime for a lone
+    # request, and concurrent requests still share batches. More workers split the cores.
+    workers: int = 1
     max_queue: int = 256
     max_batch: int = 16
     batch_wait_seconds: float = 0.005

@@ -43,7 +43,7 @@ def serve(
         Optional[int], typer.Option("--threads", min=1, show_default=False,
                                     help="onnxruntime threads per inference call [default: cores / workers].")
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Inference calls run at once.")] = 2,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Inference calls run at once; they share the cores.")] = 1,
     max_queue: Annotated[
         int, typer.Option("--max-queue", min=1, help="Requests that may wait for inference; more are RESOURCE_EXHAUSTED.")
     ] = 256,
