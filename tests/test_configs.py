@@ -134,8 +134,8 @@ def test_check_paths_lists_every_missing_path_together(tmp_path):
 EXPECTED = {
     "librispeech-small.yaml": {  # the README's run on the shared LibriSpeech set
         "data.train": Path("../shared/data/librispeech-train-clean-100-251spk/manifest.csv"),
-        "data.val_speakers": 20, "model.init": None, "model.variant": "eres2netv2", "model.args": {"m_channels": 16},
-        "freeze.stages": "encoder",
+        "data.val_speakers": 30, "model.init": None, "model.variant": "eres2netv2", "model.args": {"m_channels": 8},
+        "freeze.stages": "none", "optim.optimizer": "adamw", "optim.lr": 0.002, "run.epochs": 16,
     },
     "finetune-w24s4ep4.yaml": {
         "data.train": Path("data/train.csv"), "model.init": PRETRAINED, "model.variant": "eres2netv2_w24s4ep4",
