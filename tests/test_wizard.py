@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -30,6 +31,21 @@ pytestmark = pytest.mark.asyncio
 SIZE = (100, 40)
 # Longest a tiny run may take on a busy 2-core machine before a wait counts as hung.
 DEADLINE_SECONDS = 600
+
+
+@pytest.fixture(autouse=True)
+def no_loader_sigchld_handler():
+    """The process state of a real wizard: no SIGCHLD handler of torch's DataLoader.
+
+    torch installs a process-wide SIGCHLD handler the first time a DataLoader iterator is made in
+    the main thread, as the training tests before these do in the same pytest process. The wizard
+    trains in worker threads, so it never has that handler; with it, any loader worker's exit is
+    judged inside Textual's event loop. A worker that really fails still fails the run: the
+    trainer's loader checks its workers whenever it waits for a batch.
+    """
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGCHLD, previous)
 
 
 @pytest.fixture
