@@ -36,6 +36,7 @@ from spkft.core.errors import (
     InvalidPcmError,
     SilentAudioError,
     UndecodableAudioError,
+    first_line,
 )
 from spkft.core.features import SAMPLE_RATE, seconds_for_frames
 from spkft.core.model import MIN_FRAMES
@@ -108,7 +109,7 @@ def load_audio(
         data, rate = _decode(opened, start_seconds, stop_seconds, name, max_seconds)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise UndecodableAudioError(
-            f"{name}: not a readable audio file (WAV, FLAC, OGG or MP3 expected): {_first_line(exc)}"
+            f"{name}: not a readable audio file (WAV, FLAC, OGG or MP3 expected): {first_line(exc)}"
         ) from None
     return _finish(data, rate, name, min_seconds, max_seconds)
 
@@ -217,8 +218,3 @@ def resample(samples: np.ndarray, rate: int, target_rate: int = SAMPLE_RATE) -> 
         return samples
     out = AF.resample(torch.from_numpy(np.ascontiguousarray(samples)), rate, target_rate)
     return out.numpy()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -81,6 +81,16 @@ class Field(Vertical):
         self.set_class(problem is not None, "-invalid")
         self.query_one(".field-error", Static).update(problem or "")
 
+    def accept(self, event: Input.Changed) -> bool:
+        """Show why the typed text is refused, or clear the reason; whether it was accepted."""
+        event.stop()
+        result = event.validation_result
+        if result is not None and not result.is_valid:
+            self.show_problem(result.failure_descriptions[0])
+            return False
+        self.show_problem(None)
+        return True
+
 
 class InputField(Field):
     """A typed value: text, a number or a path."""
@@ -100,12 +110,8 @@ class InputField(Field):
         return self.query_one(Input)
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        event.stop()
-        result = event.validation_result
-        if result is not None and not result.is_valid:
-            self.show_problem(result.failure_descriptions[0])
+        if not self.accept(event):
             return
-        self.show_problem(None)
         value = self.draft.validated(self.key, self.validator.parse(event.value))
         if value != self.draft.get(self.key):
             self.draft.set(self.key, value)

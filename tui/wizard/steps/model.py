@@ -59,12 +59,8 @@ class WidthField(Field):
         yield Input(str(value), validators=[Integer(minimum=4, maximum=256)], compact=True, id="m-channels")
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        event.stop()
-        result = event.validation_result
-        if result is not None and not result.is_valid:
-            self.show_problem(result.failure_descriptions[0])
+        if not self.accept(event):
             return
-        self.show_problem(None)
         width = int(event.value)
         self.draft.config.model.args = {} if width == UPSTREAM_CHANNELS else {"m_channels": width}
 
