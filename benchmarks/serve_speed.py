@@ -1,18 +1,21 @@
-"""gRPC serving speed of ``spkft serve`` against bare onnxruntime and sherpa-onnx, on real speech.
+"""gRPC serving speed of ``spkft serve`` against the bare engine, onnxruntime and sherpa-onnx, on real speech.
 
 Everything is measured in this one run and reported as ratios. For each model variant (random
 weights, exported with ``export_onnx``: speed does not depend on their values), recording length
-(real LibriSpeech speech of different speakers, cropped) and client concurrency, three engines
+(real LibriSpeech speech of different speakers, cropped) and client concurrency, four engines
 embed the same 16-bit WAV recordings, each called from ``concurrency`` client threads at once:
 - ``spkft serve``: the real server (``python -m spkft.tui.cli serve`` in a subprocess on a free
-  port, its defaults but ``--threads`` and ``--workers``), called over a real channel with
-  ``Embed(Audio{content=<wav bytes>})`` through :class:`spkft.serve.client.SpeakerClient`;
-- ``onnxruntime``: ``OnnxEmbedder.embed`` in this process on the same bytes (decode, fbank, CMN,
-  onnxruntime) with one shared session: the bare cost that serving adds to;
+  port, its defaults but ``--engine``, ``--precision``, ``--threads`` and ``--workers``), called
+  over a real channel with ``Embed(Audio{content=<wav bytes>})`` through
+  :class:`spkft.serve.client.SpeakerClient`;
+- ``in-process``: ``OnnxEmbedder.embed`` in this process on the same bytes (decode, fbank, CMN,
+  network) with the server's engine and precision and one shared model: the bare cost that
+  serving adds to;
+- ``onnxruntime``: the same in-process embedder on onnxruntime in fp32, the reference runtime;
 - ``sherpa-onnx``: its ``SpeakerEmbeddingExtractor`` (its own C++ fbank and onnxruntime) on the
   same ONNX file, after the same ``soundfile`` decode of the bytes.
-Every engine gets the same ``--threads`` cores: onnxruntime gets ``--threads`` intra-op threads
-in-process and in sherpa-onnx; the server runs ``--workers`` inference calls at once, each with
+Every engine gets the same ``--threads`` cores: the in-process engines and sherpa-onnx get
+``--threads`` threads; the server runs ``--workers`` inference calls at once, each with
 ``--threads / --workers`` threads, as ``spkft serve`` lays out its cores by default
 (``--server-threads`` sets the threads per call instead). fbank (torch) runs with one torch thread in
 each request thread, in this process as in ``spkft serve``.
@@ -28,19 +31,21 @@ with other jobs on the cores, the ratios at concurrency 8 moved between 0.76x an
 quick run to the next, as the engines' different thread layouts won or lost the contended CPU.
 
 Targets (PASS/FAIL):
-- serving overhead at most 10%: the server's throughput at least 0.9x in-process onnxruntime's,
+- serving overhead at most 10%: the server's throughput at least 0.9x the in-process engine's,
   at every variant, length and concurrency;
 - the server's throughput at concurrency 8 at least 1.25x sherpa-onnx's;
-- agreement: the server returns the in-process embedding (cosine >= 0.99999), and sherpa-onnx,
-  reading nothing but the exported metadata, embeds each recording like spkft (cosine >= 0.99,
-  and nearest to spkft's embedding of the same recording rather than another speaker's). Its fbank
-  is not quite spkft's (mel bins up to 7600 Hz, not 8000; snip_edges false), hence not 0.99999;
-  the mean cosine of different speakers' recordings is printed for scale (random weights tell
-  speakers apart poorly).
+- agreement: the server returns the in-process embedding (cosine >= 0.99999); the served
+  precision stays close to onnxruntime's fp32 (cosine >= 0.99999 in fp32, >= 0.9999 in bf16);
+  and sherpa-onnx, reading nothing but the exported metadata, embeds each recording like spkft
+  (cosine >= 0.99, and nearest to spkft's embedding of the same recording rather than another
+  speaker's). Its fbank is not quite spkft's (mel bins up to 7600 Hz, not 8000; snip_edges false),
+  hence not 0.99999; the mean cosine of different speakers' recordings is printed for scale
+  (random weights tell speakers apart poorly).
 
     python benchmarks/serve_speed.py [--variants V ...] [--seconds 3 10] [--concurrency 1 8 32]
                                      [--requests 16] [--rounds 3] [--threads 2] [--workers 1]
-                                     [--server-threads N] [--clips 8] [--cache DIR]
+                                     [--engine auto] [--precision auto] [--server-threads N]
+                                     [--clips 8] [--cache DIR]
 
 It needs sherpa-onnx (``pip install -e '.[bench]'``) and ../shared/data beside the checkout.
 Measured on the 2-core development machine while other jobs held most of it, a quick check of one
@@ -75,16 +80,20 @@ from pathlib import Path
 
 import numpy as np
 
+from spkft.core.onnx_model import ENGINES as ENGINE_CHOICES
+from spkft.core.onnx_model import PRECISIONS as PRECISION_CHOICES
+
 SPEECH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "librispeech-train-clean-100-251spk"
 VARIANTS = ("eres2netv2", "eres2netv2_w24s4ep4")
 SEED = 0
-SERVER, ONNXRUNTIME, SHERPA = "spkft serve", "onnxruntime", "sherpa-onnx"
-ENGINES = (SERVER, ONNXRUNTIME, SHERPA)
+SERVER, IN_PROCESS, ONNXRUNTIME, SHERPA = "spkft serve", "in-process", "onnxruntime", "sherpa-onnx"
+ENGINES = (SERVER, IN_PROCESS, ONNXRUNTIME, SHERPA)
 
 TARGET_OVERHEAD = 0.9  # server / in-process onnxruntime throughput, at every concurrency
 TARGET_VS_SHERPA = 1.25  # server / sherpa-onnx throughput at SHERPA_CONCURRENCY
 SHERPA_CONCURRENCY = 8
 MIN_SERVER_COSINE = 0.99999  # the server must return what the model computes in-process
+MIN_PRECISION_COSINE = {"fp32": 0.99999, "bf16": 0.9999}  # served precision vs onnxruntime's fp32
 MIN_SHERPA_COSINE = 0.99  # a different fbank (see the docstring), same network
 # Milliseconds per 3 s request with 2 threads, one at a time, measured before on this project's 2-core CPU.
 REFERENCE_MS = {("eres2netv2", ONNXRUNTIME): 220, ("eres2netv2", SHERPA): 229,
@@ -143,12 +152,12 @@ def server_threads(args) -> int:
 
 
 @contextlib.contextmanager
-def spkft_serve(model: Path, threads: int, workers: int, workdir: Path) -> Iterator[str]:
+def spkft_serve(args, model: Path, workdir: Path) -> Iterator[str]:
     """``spkft serve`` on a free port of 127.0.0.1 in a subprocess; yields its address once it serves."""
     log_path = workdir / "server.log"
     command = [sys.executable, "-m", "spkft.tui.cli", "serve", "--model", str(model), "--port", "0",
-               "--enroll-db", str(workdir / "enrollments.sqlite"), "--threads", str(threads),
-               "--workers", str(workers)]
+               "--enroll-db", str(workdir / "enrollments.sqlite"), "--threads", str(server_threads(args)),
+               "--workers", str(args.workers), "--engine", args.engine, "--precision", args.precision]
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
@@ -226,15 +235,16 @@ def send(call: Callable[[bytes], np.ndarray], clips: list[bytes], concurrency: i
     return wall, latencies, embeddings
 
 
-def agreement_of(variant: str, seconds: float, warm: dict[str, list[np.ndarray]]) -> dict:
+def agreement_of(variant: str, seconds: float, engine: str, precision: str, warm: dict[str, list[np.ndarray]]) -> dict:
     """How the engines' embeddings of the same distinct recordings compare with in-process spkft's."""
     from spkft.core.embedding import l2_normalise
 
     spkft, sherpa = (l2_normalise(np.stack(warm[e])) for e in (ONNXRUNTIME, SHERPA))
-    served = l2_normalise(np.stack(warm[SERVER]))
+    served, bare = (l2_normalise(np.stack(warm[e])) for e in (SERVER, IN_PROCESS))
     across = sherpa @ spkft.T  # sherpa-onnx's embedding of recording i against spkft's of recording j
-    return {"variant": variant, "seconds": seconds, "recordings": len(spkft),
-            "server": float(np.sum(served * spkft, axis=1).min()),
+    return {"variant": variant, "seconds": seconds, "recordings": len(spkft), "engine": engine, "precision": precision,
+            "server": float(np.sum(served * bare, axis=1).min()),
+            "precision_cosine": float(np.sum(bare * spkft, axis=1).min()),
             "sherpa": float(np.diag(across).min()),
             "nearest": int(np.sum(across.argmax(axis=1) == np.arange(len(spkft)))),
             "speakers": float(np.mean((spkft @ spkft.T)[~np.eye(len(spkft), dtype=bool)]))}
@@ -245,17 +255,22 @@ def measure_variant(args, variant: str, model: Path, clips: dict[float, list[byt
     from spkft.core.onnx_model import OnnxEmbedder
     from spkft.serve.client import SpeakerClient
 
-    embedder = OnnxEmbedder.from_file(model, threads=args.threads)
+    embedder = OnnxEmbedder.from_file(model, threads=args.threads, engine=args.engine, precision=args.precision)
+    reference = OnnxEmbedder.from_file(model, threads=args.threads, engine="onnxruntime")
     sherpa = SherpaEmbedder(model, args.threads)
     cases, agreement = [], []
-    with spkft_serve(model, server_threads(args), args.workers, workdir) as address, \
-            SpeakerClient(address, timeout_seconds=600) as client:
+    with spkft_serve(args, model, workdir) as address, SpeakerClient(address, timeout_seconds=600) as client:
+        served = client.info()
+        if (served.engine, served.precision) != (embedder.engine.name, embedder.engine.precision):
+            sys.exit(f"the server runs {served.engine} in {served.precision}, but in-process it is "
+                     f"{embedder.engine.name} in {embedder.engine.precision}: the overhead would not be comparable")
         calls = {SERVER: lambda wav: np.asarray(client.embed(wav).embedding, dtype=np.float32),
-                 ONNXRUNTIME: lambda wav: embedder.embed(wav).vector, SHERPA: sherpa}
+                 IN_PROCESS: lambda wav: embedder.embed(wav).vector,
+                 ONNXRUNTIME: lambda wav: reference.embed(wav).vector, SHERPA: sherpa}
         for seconds, wavs in clips.items():
             # Warm-up: each distinct recording once per engine, concurrently, which also warms the thread pools.
             warm = {e: send(calls[e], wavs, min(len(wavs), max(args.concurrency)), len(wavs))[2] for e in ENGINES}
-            agreement.append(agreement_of(variant, seconds, warm))
+            agreement.append(agreement_of(variant, seconds, embedder.engine.name, embedder.engine.precision, warm))
             for concurrency in args.concurrency:
                 requests = max(args.requests, concurrency)
                 timed = {e: {"walls": [], "latencies": []} for e in ENGINES}
@@ -288,17 +303,20 @@ def report(args, cases: list[dict], agreement: list[dict]) -> None:
     for case in cases:
         case["rates"] = [case["requests"] / wall for wall in case["walls"]]
     threads_per_call = server_threads(args)
-    print(f"\nEmbed throughput and latency: {args.threads} onnxruntime thread(s) in-process and in sherpa-onnx, "
-          f"spkft serve --threads {threads_per_call} --workers {args.workers}; {args.rounds} round(s) after a warm-up; "
-          f"'vs ort' is the median of the rounds' ratios")
+    engine_name = ", ".join(sorted({f"{a['engine']} in {a['precision']}" for a in agreement}))
+    print(f"\nEmbed throughput and latency: {args.threads} thread(s) in-process and in sherpa-onnx, spkft serve "
+          f"--engine {args.engine} --precision {args.precision} --threads {threads_per_call} --workers {args.workers} "
+          f"({engine_name}); {args.rounds} round(s) after a warm-up; 'vs ort' and 'vs sherpa' are the medians of "
+          f"the rounds' ratios")
     print(f"{'variant':<22}{'audio s':>8}{'conc':>6}  {'engine':<13}{'requests':>9}{'best/s':>8}{'median/s':>10}"
-          f"{'p50 ms':>9}{'p99 ms':>9}{'vs ort':>8}")
+          f"{'p50 ms':>9}{'p99 ms':>9}{'vs ort':>8}{'vs sherpa':>10}")
     for case in cases:
-        ort = by_key[(case["variant"], case["seconds"], case["concurrency"], ONNXRUNTIME)]
+        key = (case["variant"], case["seconds"], case["concurrency"])
+        ort, sherpa = by_key[(*key, ONNXRUNTIME)], by_key[(*key, SHERPA)]
         p50, p99 = np.percentile(case["latencies"], [50, 99]) * 1000
         print(f"{case['variant']:<22}{case['seconds']:>8g}{case['concurrency']:>6}  {case['engine']:<13}"
               f"{case['requests']:>9}{max(case['rates']):>8.2f}{statistics.median(case['rates']):>10.2f}"
-              f"{p50:>9.0f}{p99:>9.0f}{paired(case, ort):>8.2f}")
+              f"{p50:>9.0f}{p99:>9.0f}{paired(case, ort):>8.2f}{paired(case, sherpa):>10.2f}")
     if args.threads == 2 and 3.0 in args.seconds and 1 in args.concurrency:
         scale = [f"{variant} {engine} {1000 / max(case['rates']):.0f} ms (reference {ms})"
                  for (variant, engine), ms in REFERENCE_MS.items()
@@ -306,24 +324,27 @@ def report(args, cases: list[dict], agreement: list[dict]) -> None:
         print("\nfor scale, the best round's ms per 3 s request, one at a time, 2 threads: " + "; ".join(scale))
     print()
     for a in agreement:
-        agrees = a["server"] >= MIN_SERVER_COSINE and a["sherpa"] >= MIN_SHERPA_COSINE and a["nearest"] == a["recordings"]
+        min_precision = MIN_PRECISION_COSINE[a["precision"]]
+        agrees = (a["server"] >= MIN_SERVER_COSINE and a["precision_cosine"] >= min_precision
+                  and a["sherpa"] >= MIN_SHERPA_COSINE and a["nearest"] == a["recordings"])
         print(f"{verdict(agrees)}  agreement, {a['variant']} {a['seconds']:g} s, {a['recordings']} speakers' recordings: "
               f"spkft serve vs in-process worst cosine {a['server']:.6f} (target >= {MIN_SERVER_COSINE}); "
-              f"sherpa-onnx vs spkft worst {a['sherpa']:.6f} (target >= {MIN_SHERPA_COSINE}), nearest to its own "
+              f"{a['precision']} vs onnxruntime fp32 worst {a['precision_cosine']:.6f} (target >= {min_precision}); "
+              f"sherpa-onnx vs onnxruntime worst {a['sherpa']:.6f} (target >= {MIN_SHERPA_COSINE}), nearest to its own "
               f"recording for {a['nearest']}/{a['recordings']}; for scale, different speakers by spkft "
               f"{a['speakers']:.4f} on average")
     for case in (c for c in cases if c["engine"] == SERVER):
         key = (case["variant"], case["seconds"], case["concurrency"])
-        ort, sherpa = by_key[(*key, ONNXRUNTIME)], by_key[(*key, SHERPA)]
+        bare, sherpa = by_key[(*key, IN_PROCESS)], by_key[(*key, SHERPA)]
         where = f"{case['variant']} {case['seconds']:g} s, concurrency {case['concurrency']}"
-        overhead = paired(case, ort)
-        print(f"{verdict(overhead >= TARGET_OVERHEAD)}  serving overhead, {where}: spkft serve / onnxruntime "
-              f"{overhead:.2f}x (target >= {TARGET_OVERHEAD:g}x; best rounds {max(case['rates']) / max(ort['rates']):.2f}x)")
+        overhead = paired(case, bare)
+        print(f"{verdict(overhead >= TARGET_OVERHEAD)}  serving overhead, {where}: spkft serve / in-process "
+              f"{overhead:.2f}x (target >= {TARGET_OVERHEAD:g}x; best rounds {max(case['rates']) / max(bare['rates']):.2f}x)")
         if case["concurrency"] == SHERPA_CONCURRENCY:
             versus = paired(case, sherpa)
             print(f"{verdict(versus >= TARGET_VS_SHERPA)}  vs sherpa-onnx, {where}: spkft serve / sherpa-onnx "
                   f"{versus:.2f}x (target >= {TARGET_VS_SHERPA:g}x; best rounds "
-                  f"{max(case['rates']) / max(sherpa['rates']):.2f}x; onnxruntime / sherpa-onnx {paired(ort, sherpa):.2f}x)")
+                  f"{max(case['rates']) / max(sherpa['rates']):.2f}x; in-process / sherpa-onnx {paired(bare, sherpa):.2f}x)")
 
 
 def main() -> None:
@@ -339,6 +360,10 @@ def main() -> None:
                         help="cores for every engine: onnxruntime intra-op threads in-process and in sherpa-onnx, "
                              "split among the server's workers (default 2)")
     parser.add_argument("--workers", type=int, default=1, help="spkft serve --workers (default 1, the server's own)")
+    parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                        help="spkft serve --engine, and the in-process engine it is compared with (default auto)")
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                        help="spkft serve --precision, likewise (default auto)")
     parser.add_argument("--server-threads", type=int,
                         help="spkft serve --threads, onnxruntime threads per inference call (default: --threads / --workers)")
     parser.add_argument("--clips", type=int, default=8, help="distinct recordings (speakers) per length (default 8)")

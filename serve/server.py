@@ -3,9 +3,11 @@
 Shape of a running server:
 - a synchronous ``grpc.server`` whose thread pool (``handler_threads``) runs the RPCs: request
   checks, audio decoding and fbank happen there, in parallel;
-- one onnxruntime session (:class:`~spkft.core.onnx_model.OnnxEmbedder`) shared by ``workers``
-  inference threads, fed by a :class:`~spkft.serve.batching.Batcher` that runs equally long
-  inputs of concurrent requests as one batch;
+- one compiled model (:class:`~spkft.core.onnx_model.OnnxEmbedder`: OpenVINO, in bf16 where the
+  CPU has it, or onnxruntime; see :mod:`spkft.core.onnx_model`) that runs at most ``workers``
+  inference calls at once, in the request threads themselves, through a
+  :class:`~spkft.serve.batching.Batcher` that runs equally long inputs of concurrent requests as
+  one batch;
 - bounded work: at most ``max_queue`` inputs wait for inference (more is RESOURCE_EXHAUSTED),
   and gRPC itself admits at most ``handler_threads + max_queue`` calls at once;
 - ``grpc.health.v1`` (NOT_SERVING until the model is loaded and again while draining, SERVING in
@@ -37,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from spkft.core.enrollment import EnrollmentStore
 from spkft.core.errors import SpkftError
-from spkft.core.onnx_model import OnnxEmbedder
+from spkft.core.onnx_model import ENGINES, PRECISIONS, OnnxEmbedder
 from spkft.serve.auth import BearerTokenInterceptor
 from spkft.serve.batching import BatchedEmbedder, Batcher
 from spkft.serve.service import SERVICE_NAME, ServedModel, SpeakerService
@@ -66,13 +68,18 @@ class ServerConfig:
     enroll_db: Path = Path("enrollments.sqlite")
     max_audio_seconds: float = 60.0
     threshold: float | None = None
+    engine: str = "auto"
+    precision: str = "auto"
     threads: int | None = None
     # One inference call at a time on every core: as fast as in-process onnxruntime for a lone
     # request, and concurrent requests still share batches. More workers split the cores.
     workers: int = 1
     max_queue: int = 256
     max_batch: int = 16
-    batch_wait_seconds: float = 0.005
+    # A free worker takes what is pending at once: batching gives no per-item gain on CPUs (measured
+    # in benchmarks/serve_speed.py), so waiting for partners only adds latency. Under load,
+    # requests pile up while the workers are busy and still leave together.
+    batch_wait_seconds: float = 0.0
     handler_threads: int = 32
     grace_seconds: float = 30.0
 
@@ -92,6 +99,12 @@ class ServerConfig:
         for name in ("workers", "max_queue", "max_batch", "handler_threads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.engine not in ENGINES:
+            problems.append(f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.engine == "onnxruntime" and self.precision == "bf16":
+            problems.append("onnxruntime runs the model in fp32 only; use --engine openvino for bf16")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads must be at least 1, got {self.threads}")
         if problems:
@@ -164,7 +177,8 @@ class SpeakerServer:
         if model is None:
             # The workers share the cores: more intra-op threads than cores only makes them spin.
             threads = config.threads or max(1, _cores() // config.workers)
-            model = OnnxEmbedder.from_file(config.model, threads=threads)
+            model = OnnxEmbedder.from_file(config.model, threads=threads, engine=config.engine,
+                                           precision=config.precision, parallel_calls=config.workers)
         store = EnrollmentStore(config.enroll_db, _fingerprint(config.model), model.embedding_dim)
         default_threshold = model.default_threshold if config.threshold is None else config.threshold
         self._batcher = Batcher(
@@ -177,9 +191,10 @@ class SpeakerServer:
         )
         self._store = store
         self.service.serve(ServedModel(BatchedEmbedder(model, self._batcher), store, config.model.stem,
-                                       dict(model.metadata), default_threshold))
+                                       dict(model.metadata), default_threshold, model.engine.name,
+                                       model.engine.precision))
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s", config.model, self.address)
+        log.info("serving %s on %s (%s, %s)", config.model, self.address, model.engine.name, model.engine.precision)
 
     def drain(self, grace_seconds: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, let calls in flight finish (up to the grace period), close."""

@@ -81,6 +81,8 @@ class ServedModel:
     model_name: str
     metadata: dict[str, str]
     default_threshold: float | None
+    engine: str  # what runs the network, and in what precision (GetModelInfo reports both)
+    precision: str
 
 
 class SpeakerService(pb_grpc.SpeakerServiceServicer):
@@ -158,6 +160,8 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
             sample_rate_hertz=SAMPLE_RATE,
             default_threshold=model.default_threshold,
             metadata=model.metadata,
+            engine=model.engine,
+            precision=model.precision,
         )
 
     def _threshold(self, request: pb.VerifyRequest) -> float:

@@ -92,8 +92,9 @@ def test_export_of_a_bad_checkpoint_is_one_line(tmp_path):
     assert result.exit_code == 1 and result.stderr == f"error: {tmp_path / 'bad.ckpt'}: not a PyTorch checkpoint file\n"
 
 
-def test_embed_with_the_onnx_model_equals_the_checkpoint(exported, evaluated_checkpoint, recordings):
-    from_model = run("embed", *recordings, "--model", exported[1])
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_embed_with_the_onnx_model_equals_the_checkpoint(exported, evaluated_checkpoint, recordings, engine):
+    from_model = run("embed", *recordings, "--model", exported[1], "--engine", engine, "--precision", "fp32")
     from_checkpoint = run("embed", *recordings, "--checkpoint", evaluated_checkpoint[0])
     assert from_model.exit_code == 0 and from_checkpoint.exit_code == 0, from_model.output + from_checkpoint.output
     for a, b in zip(from_model.stdout.splitlines(), from_checkpoint.stdout.splitlines(), strict=True):

@@ -67,9 +67,11 @@ def test_export_checked_parity_on_batches_and_lengths(exported):
     assert parity.max_abs_diff < 1e-3
 
 
-def test_batch_and_frames_are_dynamic(exported):
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_batch_and_frames_are_dynamic(exported, engine):
     _, checkpoint, result = exported
-    onnx_embedder = OnnxEmbedder.from_file(result.output, threads=1)
+    onnx_embedder = OnnxEmbedder.from_file(result.output, threads=1, engine=engine, precision="fp32")
+    assert (onnx_embedder.engine.name, onnx_embedder.engine.precision) == (engine, "fp32")
     torch_embedder = Embedder.from_checkpoint(checkpoint)
     for batch, frames in ((3, MIN_FRAMES), (5, 523)):
         features = np.random.default_rng(batch).standard_normal((batch, frames, 80)).astype(np.float32)
@@ -89,12 +91,14 @@ def test_int8_copy_is_smaller_and_close(exported):
     assert model.metadata["spkft_quantization"] == "int8" and model.variant == exported[0]
 
 
-def test_onnx_embedder_embeds_recordings_like_pytorch(exported, speech, tmp_path, fsdd_dir):
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_onnx_embedder_embeds_recordings_like_pytorch(exported, speech, tmp_path, fsdd_dir, engine):
     _, checkpoint, result = exported
     data, rate = speech
     long_file = tmp_path / "long.flac"
     sf.write(long_file, np.tile(data, 3)[: 35 * rate], rate)  # over 30 s: embedded in windows
-    onnx_embedder, torch_embedder = OnnxEmbedder.from_file(result.output), Embedder.from_checkpoint(checkpoint)
+    onnx_embedder = OnnxEmbedder.from_file(result.output, engine=engine, precision="fp32")
+    torch_embedder = Embedder.from_checkpoint(checkpoint)
     assert onnx_embedder.embedding_dim == torch_embedder.embedding_dim == 192
     for source in (fsdd_dir / "0_george_0.wav", long_file):
         found, expected = onnx_embedder.embed(source), torch_embedder.embed(source)

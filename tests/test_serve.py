@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import selectors
 import shutil
 import signal
@@ -29,7 +30,7 @@ from typer.testing import CliRunner
 from spkft.core.export import export_onnx
 from spkft.core.onnx_model import OnnxEmbedder
 from spkft.serve import codegen
-from spkft.serve.batching import Batcher
+from spkft.serve.batching import Batcher, BatcherClosedError
 from spkft.serve.client import ServiceError, SpeakerClient
 from spkft.serve.server import ServerConfig, SpeakerServer, create_server
 from spkft.serve.service import SERVICE_NAME
@@ -205,8 +206,9 @@ def test_enroll_identify_list_verify_delete(client, clips, other_speaker):
     client.delete("alice")
 
 
-def test_model_info(client, model_file):
+def test_model_info(client, model_file, onnx_embedder):
     info = client.info()
+    assert (info.engine, info.precision) == (onnx_embedder.engine.name, onnx_embedder.engine.precision)
     assert info.model_name == "tiny" and info.embedding_dim == 192 and info.sample_rate_hertz == 16000
     assert info.HasField("default_threshold") and info.default_threshold == 0.5  # the server's --threshold
     assert info.metadata["framework"] == "3d-speaker" and info.metadata["spkft_variant"] == "eres2netv2_w24s4ep4"
@@ -285,25 +287,78 @@ def test_a_message_over_the_size_limit_is_resource_exhausted(stub, server):
 
 def test_batcher_batches_equal_lengths_only():
     seen: list[tuple[int, int]] = []
+    gate = threading.Event()
 
     def embed_batch(features: np.ndarray) -> np.ndarray:
         seen.append(features.shape[:2])
+        gate.wait(10)
         return features[:, 0, :2].copy()
 
-    batcher = Batcher(embed_batch, workers=1, max_batch=4, max_wait_seconds=0.2)
+    batcher = Batcher(embed_batch, workers=1, max_batch=4)
     inputs = [np.full((1, frames, 80), i, np.float32) for i, frames in enumerate([10, 10, 12, 10, 10, 10])]
-    futures = [batcher.submit(x) for x in inputs]
-    results = [f.result(timeout=10) for f in futures]
+    results = run_while_busy(batcher, inputs, gate, seen)
     batcher.close()
-    assert sorted(seen) == [(1, 10), (1, 12), (4, 10)]  # four 10-frame rows together; the fifth and the 12 apart
+    assert seen == [(1, 5), (4, 10), (1, 12), (1, 10)]  # four 10-frame rows together; the fifth and the 12 apart
     assert [r[0, 0] for r in results] == list(range(6))  # every caller gets its own row back
 
     seen.clear()
-    batcher = Batcher(embed_batch, workers=1, max_batch=16, max_batch_frames=25, max_wait_seconds=0.2)
-    futures = [batcher.submit(np.zeros((rows, 10, 80), np.float32)) for rows in (1, 1, 1, 3)]
-    [f.result(timeout=10) for f in futures]
+    batcher = Batcher(embed_batch, workers=1, max_batch=16, max_batch_frames=25)
+    run_while_busy(batcher, [np.zeros((rows, 10, 80), np.float32) for rows in (1, 1, 1, 3)], gate, seen)
     batcher.close()
-    assert seen == [(2, 10), (1, 10), (3, 10)]  # at most 25 frames a batch, but an input is never split
+    assert seen == [(1, 5), (2, 10), (1, 10), (3, 10)]  # at most 25 frames a batch, but an input is never split
+
+
+def test_a_lone_input_runs_in_its_callers_thread_and_errors_reach_every_caller_of_the_batch():
+    threads = []
+
+    def embed_batch(features: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread())
+        if features[0, 0, 0] < 0:
+            raise ValueError("negative")
+        return features[:, 0, :2].copy()
+
+    batcher = Batcher(embed_batch, workers=1, max_wait_seconds=1.0)
+    assert batcher.run(np.ones((1, 10, 80), np.float32)).shape == (1, 2)
+    assert threads == [threading.current_thread()]  # no hand-off to another thread
+    errors = []
+
+    def failing(x: np.ndarray) -> None:
+        try:
+            batcher.run(x)
+        except ValueError as exc:
+            errors.append(str(exc))
+
+    callers = [threading.Thread(target=failing, args=(np.full((1, 10, 80), -1, np.float32),)) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+        wait_until(lambda: batcher.pending == callers.index(caller) + 1)
+    for caller in callers:
+        caller.join(10)
+    assert errors == ["negative"] * 3 and len(threads) == 2  # one batch, one error, three callers told
+    batcher.close()
+    with pytest.raises(BatcherClosedError):
+        batcher.run(np.ones((1, 10, 80), np.float32))
+
+
+def run_while_busy(batcher: Batcher, inputs: list[np.ndarray], gate: threading.Event, seen: list) -> list[np.ndarray]:
+    """Each input from its own thread, queued in order while a 5-frame input holds the only slot until ``gate``."""
+    gate.clear()
+    results: list = [None] * len(inputs)
+
+    def call(i: int) -> None:
+        results[i] = batcher.run(inputs[i])
+
+    blocker = threading.Thread(target=batcher.run, args=(np.zeros((1, 5, 80), np.float32),))
+    blocker.start()
+    wait_until(lambda: (1, 5) in seen)  # the blocker is being embedded
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+    for i, caller in enumerate(callers):
+        caller.start()
+        wait_until(lambda: batcher.pending == i + 1)
+    gate.set()
+    for caller in [blocker, *callers]:
+        caller.join(10)
+    return results
 
 
 def test_200_concurrent_embeds_are_all_answered_like_sequential_ones(stub, clips):
@@ -317,7 +372,7 @@ class ControlledEmbedder(OnnxEmbedder):
     """The tiny model, with inference a test can hold back or make fail."""
 
     def __init__(self, model: OnnxEmbedder) -> None:
-        super().__init__(model.session, model.path)
+        super().__init__(model.engine, model.path)
         self.entered = threading.Event()
         self.gate = threading.Event()
         self.gate.set()
@@ -458,6 +513,8 @@ def test_client_commands(server, clips, other_speaker, tmp_path):
     assert "same speaker" in spkft("verify", str(files[0]), "--speaker", "dave", "--threshold", "-1")
     assert "1. dave" in spkft("identify", str(files[0]), "--top-k", "3")
     assert '"default_threshold": 0.5' in spkft("info", "--json")
+    served = server.service.model
+    assert re.search(rf"^engine +{served.engine} \({served.precision}\)$", spkft("info"), re.MULTILINE)
     assert spkft("delete", "dave") == "deleted dave (2 recording(s))\n"
 
     missing = runner.invoke(app, ["client", "delete", "dave", "--server", server.address])

@@ -147,7 +147,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "embedding_dim", "sample_rate_hertz", "default_threshold", "metadata")
+    __slots__ = ("model_name", "embedding_dim", "sample_rate_hertz", "default_threshold", "metadata", "engine", "precision")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -160,9 +160,13 @@ class GetModelInfoResponse(_message.Message):
     SAMPLE_RATE_HERTZ_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     embedding_dim: int
     sample_rate_hertz: int
     default_threshold: float
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, model_name: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., sample_rate_hertz: _Optional[int] = ..., default_threshold: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    engine: str
+    precision: str
+    def __init__(self, model_name: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., sample_rate_hertz: _Optional[int] = ..., default_threshold: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...

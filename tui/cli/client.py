@@ -196,6 +196,7 @@ def info(
     if as_json:
         _json({"model_name": result.model_name, "embedding_dim": result.embedding_dim,
                "sample_rate_hertz": result.sample_rate_hertz, "default_threshold": threshold,
+               "engine": result.engine, "precision": result.precision,
                "metadata": dict(sorted(result.metadata.items()))})
         return
     rows = [
@@ -203,6 +204,7 @@ def info(
         ("embedding_dim", result.embedding_dim),
         ("sample_rate_hertz", result.sample_rate_hertz),
         ("default_threshold", "none" if threshold is None else f"{threshold:.4f}"),
+        ("engine", f"{result.engine} ({result.precision})"),
         *((f"metadata.{key}", value) for key, value in sorted(result.metadata.items())),
     ]
     width = max(len(key) for key, _ in rows)

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from spkft.serve.server import ServerConfig, SpeakerServer, run_until_signalled
+from spkft.tui.cli.inference import Engine, EngineOption, Precision, PrecisionOption
 
 
 def serve(
@@ -39,9 +40,11 @@ def serve(
         typer.Option("--threshold", min=-1.0, max=1.0, show_default=False,
                      help="Verify's default threshold [default: the model's calibrated threshold]."),
     ] = None,
+    engine: EngineOption = Engine.auto,
+    precision: PrecisionOption = Precision.auto,
     threads: Annotated[
         Optional[int], typer.Option("--threads", min=1, show_default=False,
-                                    help="onnxruntime threads per inference call [default: cores / workers].")
+                                    help="Threads per inference call [default: cores / workers].")
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Inference calls run at once; they share the cores.")] = 1,
     max_queue: Annotated[
@@ -55,7 +58,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         model=model, host=host, port=port, auth_token=auth_token or None, tls_cert=tls_cert, tls_key=tls_key,
-        enroll_db=enroll_db, max_audio_seconds=max_audio_seconds, threshold=threshold, threads=threads,
+        enroll_db=enroll_db, max_audio_seconds=max_audio_seconds, threshold=threshold, engine=engine.value,
+        precision=precision.value, threads=threads,
         workers=workers, max_queue=max_queue, grace_seconds=grace_seconds,
     )
 
@@ -63,7 +67,9 @@ def serve(
         security = ", ".join(
             ["TLS" if tls_cert else "plaintext", "bearer token required" if config.auth_token else "no auth"]
         )
-        typer.echo(f"spkft serve: listening on {server.address} ({security}); model {model}, enrollments in {enroll_db}")
+        served = server.service.model
+        typer.echo(f"spkft serve: listening on {server.address} ({security}); model {model} "
+                   f"({served.engine}, {served.precision}), enrollments in {enroll_db}")
 
     run_until_signalled(config, announce)
     typer.echo("spkft serve: stopped")
