@@ -14,6 +14,11 @@ embed the same 16-bit WAV recordings, each called from ``concurrency`` client th
 - ``onnxruntime``: the same in-process embedder on onnxruntime in fp32, the reference runtime;
 - ``sherpa-onnx``: its ``SpeakerEmbeddingExtractor`` (its own C++ fbank and onnxruntime) on the
   same ONNX file, after the same ``soundfile`` decode of the bytes.
+The in-process engines run at most ``--in-process-calls`` calls at once (default 8; the client
+threads beyond that wait their turn, and their wait counts in latency): every onnxruntime run
+holds its own activations, so 32 calls of 10 s into eres2netv2_w24s4ep4 would take about 9 GB in
+onnxruntime and as much again in sherpa-onnx, more than the 24 GB machine has, while 8 already
+keep the cores busy. The server bounds its own inference memory the same way (``--workers``).
 Every engine gets the same ``--threads`` cores: the in-process engines and sherpa-onnx get
 ``--threads`` threads; the server runs ``--workers`` inference calls at once, each with
 ``--threads / --workers`` threads, as ``spkft serve`` lays out its cores by default
@@ -196,6 +201,17 @@ class SherpaEmbedder:
         return np.asarray(self.extractor.compute(stream), dtype=np.float32)
 
 
+def capped(call: Callable[[bytes], np.ndarray], limit: int) -> Callable[[bytes], np.ndarray]:
+    """``call`` with at most ``limit`` calls running at once; the other client threads wait their turn."""
+    slots = threading.BoundedSemaphore(limit)
+
+    def run(wav: bytes) -> np.ndarray:
+        with slots:
+            return call(wav)
+
+    return run
+
+
 def send(call: Callable[[bytes], np.ndarray], clips: list[bytes], concurrency: int, requests: int):
     """``requests`` calls from ``concurrency`` threads, request i on clip i mod len(clips).
 
@@ -265,8 +281,9 @@ def measure_variant(args, variant: str, model: Path, clips: dict[float, list[byt
             sys.exit(f"the server runs {served.engine} in {served.precision}, but in-process it is "
                      f"{embedder.engine.name} in {embedder.engine.precision}: the overhead would not be comparable")
         calls = {SERVER: lambda wav: np.asarray(client.embed(wav).embedding, dtype=np.float32),
-                 IN_PROCESS: lambda wav: embedder.embed(wav).vector,
-                 ONNXRUNTIME: lambda wav: reference.embed(wav).vector, SHERPA: sherpa}
+                 IN_PROCESS: capped(lambda wav: embedder.embed(wav).vector, args.in_process_calls),
+                 ONNXRUNTIME: capped(lambda wav: reference.embed(wav).vector, args.in_process_calls),
+                 SHERPA: capped(sherpa, args.in_process_calls)}
         for seconds, wavs in clips.items():
             # Warm-up: each distinct recording once per engine, concurrently, which also warms the thread pools.
             warm = {e: send(calls[e], wavs, min(len(wavs), max(args.concurrency)), len(wavs))[2] for e in ENGINES}
@@ -306,7 +323,8 @@ def report(args, cases: list[dict], agreement: list[dict]) -> None:
     engine_name = ", ".join(sorted({f"{a['engine']} in {a['precision']}" for a in agreement}))
     print(f"\nEmbed throughput and latency: {args.threads} thread(s) in-process and in sherpa-onnx, spkft serve "
           f"--engine {args.engine} --precision {args.precision} --threads {threads_per_call} --workers {args.workers} "
-          f"({engine_name}); {args.rounds} round(s) after a warm-up; 'vs ort' and 'vs sherpa' are the medians of "
+          f"({engine_name}); in-process engines at most {args.in_process_calls} call(s) at once; "
+          f"{args.rounds} round(s) after a warm-up; 'vs ort' and 'vs sherpa' are the medians of "
           f"the rounds' ratios")
     print(f"{'variant':<22}{'audio s':>8}{'conc':>6}  {'engine':<13}{'requests':>9}{'best/s':>8}{'median/s':>10}"
           f"{'p50 ms':>9}{'p99 ms':>9}{'vs ort':>8}{'vs sherpa':>10}")
@@ -366,11 +384,14 @@ def main() -> None:
                         help="spkft serve --precision, likewise (default auto)")
     parser.add_argument("--server-threads", type=int,
                         help="spkft serve --threads, onnxruntime threads per inference call (default: --threads / --workers)")
+    parser.add_argument("--in-process-calls", type=int, default=8,
+                        help="most calls at once into each in-process engine; other client threads wait (default 8)")
     parser.add_argument("--clips", type=int, default=8, help="distinct recordings (speakers) per length (default 8)")
     parser.add_argument("--cache", type=Path, help="keep exported models here and reuse them (default: a temporary directory)")
     args = parser.parse_args()
-    if min(args.concurrency + [args.requests, args.rounds, args.threads, args.workers, args.server_threads or 1]) < 1:
-        parser.error("concurrency, requests, rounds, threads, workers and server threads must be at least 1")
+    if min(args.concurrency + [args.requests, args.rounds, args.threads, args.workers, args.server_threads or 1,
+                               args.in_process_calls]) < 1:
+        parser.error("concurrency, requests, rounds, threads, workers, server threads and in-process calls must be at least 1")
     if args.clips < 2:
         parser.error("--clips must be at least 2: the agreement check tells speakers apart")
     if not SPEECH.is_dir():

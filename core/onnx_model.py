@@ -48,6 +48,7 @@ OUTPUT_DIM_KEY = "output_dim"
 ENGINES = ("auto", "openvino", "onnxruntime")
 PRECISIONS = ("auto", "fp32", "bf16")
 _OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+_ORT_TYPES = {"tensor(float)": "f32"}  # onnxruntime's element type names, in OpenVINO's words
 
 
 @dataclass(frozen=True)
@@ -201,9 +202,6 @@ class OnnxEmbedder(SpeakerEmbedder):
     def _forward(self, features: torch.Tensor) -> np.ndarray:
         batch = np.ascontiguousarray(features.numpy(), dtype=np.float32)
         return self.engine.run(batch).astype(np.float32, copy=False)
-
-
-_ORT_TYPES = {"tensor(float)": "f32"}
 
 
 def _dims(shape: list) -> tuple[int | None, ...]:

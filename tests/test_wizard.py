@@ -208,6 +208,8 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
         await settle(pilot)
         server = app.draft.server
         assert server is not None and server.port > 0
+        served = server.service.model
+        assert f"with {served.engine} in {served.precision}" in str(step(app).query_one("#server-state", Static).render())
         await press(pilot, "#verify")
         await settle(pilot)
         assert str(step(app).query_one("#verdict", Static).render()).startswith("score ")

@@ -175,7 +175,9 @@ class ServeStep(StepScreen):
         if server is None:
             state.update("Not serving. Export first, then start the server.")
         else:
-            state.update(f"Serving {server.config.model} on {server.address} (plaintext, no auth); enrolled "
+            served = server.service.model
+            state.update(f"Serving {server.config.model} on {server.address} with {served.engine} in "
+                         f"{served.precision} (plaintext, no auth); enrolled "
                          f"speakers in {server.config.enroll_db}. spkft serve --model {server.config.model} "
                          "runs the same server on its own.")
         self.show_snippets()
