@@ -27,7 +27,7 @@ each request thread, in this process as in ``spkft serve``.
 
 The engines take turns (round-robin, the order rotating each round), so a change in the load of
 a shared machine hits them alike; each turn sends ``--requests`` requests and starts with none in
-flight. Throughput is requests / wall time of a turn; a ratio between engines is the median over
+flight, a second after the previous turn ended (so that its engine's spinning threads are idle). Throughput is requests / wall time of a turn; a ratio between engines is the median over
 rounds of the ratio within a round, where both saw the same load (the ratio of their best rounds
 is printed beside it). Latency percentiles pool every timed request of an engine (with fewer than
 100, p99 is about the worst). An untimed warm-up comes first: each distinct recording once per
@@ -50,20 +50,18 @@ Targets (PASS/FAIL):
     python benchmarks/serve_speed.py [--variants V ...] [--seconds 3 10] [--concurrency 1 8 32]
                                      [--requests 16] [--rounds 3] [--threads 2] [--workers 1]
                                      [--engine auto] [--precision auto] [--server-threads N]
-                                     [--clips 8] [--cache DIR]
+                                     [--in-process-calls 8] [--clips 8] [--cache DIR]
 
 It needs sherpa-onnx (``pip install -e '.[bench]'``) and ../shared/data beside the checkout.
-Measured on the 2-core development machine while other jobs held most of it, a quick check of one
-variant, 3 s and concurrency 1 and 8 took 2 to 4 minutes (3 rounds of 16 requests, model cached)
-and about 1 minute with one round of 8 requests, plus the export on a first run (up to 2 minutes a
-variant, 41 s for eres2netv2_w24s4ep4 there; ``--cache DIR`` keeps the models for the next run):
+On the 2-core development machine a quick check of one variant, 3 s and concurrency 1 and 8 took
+under a minute (2 rounds of 16 requests, model cached), plus the export on a first run (12 s for
+eres2netv2, 26 s for eres2netv2_w24s4ep4; ``--cache DIR`` keeps the models for the next run):
 
-    python benchmarks/serve_speed.py --variants eres2netv2 --seconds 3 --concurrency 1 8 --rounds 3
+    python benchmarks/serve_speed.py --variants eres2netv2 --seconds 3 --concurrency 1 8 --rounds 2
 
-The full default run (both variants, 3 and 10 s, concurrency 1, 8 and 32, 3 rounds) sends 600
-requests per variant and length. Its length is an estimate scaled from those quick runs, not a
-measurement: about 30 minutes on an idle 2-core CPU (10 s requests of w24s4ep4 are most of it),
-and 1 to 1.5 hours on one as busy as the development machine was.
+The full default run (both variants, 3 and 10 s, concurrency 1, 8 and 32, 3 rounds) took about
+50 minutes there; onnxruntime and sherpa-onnx on 10 s recordings of eres2netv2_w24s4ep4 are most
+of it.
 """
 
 from __future__ import annotations
@@ -97,6 +95,10 @@ ENGINES = (SERVER, IN_PROCESS, ONNXRUNTIME, SHERPA)
 TARGET_OVERHEAD = 0.9  # server / in-process onnxruntime throughput, at every concurrency
 TARGET_VS_SHERPA = 1.25  # server / sherpa-onnx throughput at SHERPA_CONCURRENCY
 SHERPA_CONCURRENCY = 8
+# Between turns: onnxruntime's threads spin-wait for more work after a run, and would take the
+# cores from the next engine's first requests (measured: the server at one client lost 10% to
+# sherpa-onnx's spinning when it followed it without a pause, and nothing with one).
+PAUSE_SECONDS = 1.0
 MIN_SERVER_COSINE = 0.99999  # the server must return what the model computes in-process
 MIN_PRECISION_COSINE = {"fp32": 0.99999, "bf16": 0.9999}  # served precision vs onnxruntime's fp32
 MIN_SHERPA_COSINE = 0.99  # a different fbank (see the docstring), same network
@@ -294,6 +296,7 @@ def measure_variant(args, variant: str, model: Path, clips: dict[float, list[byt
                 for round_ in range(args.rounds):
                     order = ENGINES[round_ % len(ENGINES):] + ENGINES[: round_ % len(ENGINES)]
                     for engine in order:
+                        time.sleep(PAUSE_SECONDS)
                         wall, latencies, _ = send(calls[engine], wavs, concurrency, requests)
                         timed[engine]["walls"].append(wall)
                         timed[engine]["latencies"] += latencies
