@@ -59,8 +59,8 @@ eres2netv2, 26 s for eres2netv2_w24s4ep4; ``--cache DIR`` keeps the models for t
 
     python benchmarks/serve_speed.py --variants eres2netv2 --seconds 3 --concurrency 1 8 --rounds 2
 
-The full default run (both variants, 3 and 10 s, concurrency 1, 8 and 32, 3 rounds) took about
-50 minutes there; onnxruntime and sherpa-onnx on 10 s recordings of eres2netv2_w24s4ep4 are most
+The full default run (both variants, 3 and 10 s, concurrency 1, 8 and 32, 3 rounds) took 32
+minutes there; onnxruntime and sherpa-onnx on 10 s recordings of eres2netv2_w24s4ep4 are most
 of it.
 """
 
