@@ -129,15 +129,24 @@ def cpu_has_bf16(core: ov.Core | None = None) -> bool:
     return "BF16" in (core or ov.Core()).get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def engine_choice_problems(engine: str, precision: str) -> list[str]:
+    """What cannot work in an engine and precision choice, one sentence each; empty when it can."""
+    problems = []
+    if engine not in ENGINES:
+        problems.append(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        problems.append(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if engine == "onnxruntime" and precision == "bf16":
+        problems.append("onnxruntime runs this model in fp32 only; use the openvino engine for bf16")
+    return problems
+
+
 def open_engine(path: Path, engine: str = "auto", precision: str = "auto", threads: int | None = None,
                 parallel_calls: int = 1) -> OnnxRuntimeEngine | OpenVinoEngine:
     """The inference engine for ``path``; see the module docstring for ``engine`` and ``precision``."""
-    if engine not in ENGINES:
-        raise ModelError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
-    if precision not in PRECISIONS:
-        raise ModelError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if engine == "onnxruntime" and precision == "bf16":
-        raise ModelError("onnxruntime runs this model in fp32 only; use the openvino engine for bf16")
+    problems = engine_choice_problems(engine, precision)
+    if problems:
+        raise ModelError("; ".join(problems))
     if engine == "onnxruntime":
         return OnnxRuntimeEngine(path, threads)
     resolved = precision if precision != "auto" else ("bf16" if cpu_has_bf16() else "fp32")

@@ -39,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from spkft.core.enrollment import EnrollmentStore
 from spkft.core.errors import SpkftError
-from spkft.core.onnx_model import ENGINES, PRECISIONS, OnnxEmbedder
+from spkft.core.onnx_model import OnnxEmbedder, engine_choice_problems
 from spkft.serve.auth import BearerTokenInterceptor
 from spkft.serve.batching import BatchedEmbedder, Batcher
 from spkft.serve.service import SERVICE_NAME, ServedModel, SpeakerService
@@ -71,7 +71,7 @@ class ServerConfig:
     engine: str = "auto"
     precision: str = "auto"
     threads: int | None = None
-    # One inference call at a time on every core: as fast as in-process onnxruntime for a lone
+    # One inference call at a time on every core: as fast as the in-process engine for a lone
     # request, and concurrent requests still share batches. More workers split the cores.
     workers: int = 1
     max_queue: int = 256
@@ -99,12 +99,7 @@ class ServerConfig:
         for name in ("workers", "max_queue", "max_batch", "handler_threads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.engine not in ENGINES:
-            problems.append(f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if self.engine == "onnxruntime" and self.precision == "bf16":
-            problems.append("onnxruntime runs the model in fp32 only; use --engine openvino for bf16")
+        problems += engine_choice_problems(self.engine, self.precision)
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads must be at least 1, got {self.threads}")
         if problems:

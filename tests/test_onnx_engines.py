@@ -118,7 +118,7 @@ def test_bf16_on_a_cpu_without_it_is_refused_and_auto_is_fp32(model_file, monkey
 
 
 def test_server_config_refuses_bf16_in_onnxruntime(model_file):
-    with pytest.raises(ServerError, match="onnxruntime runs the model in fp32 only; use --engine openvino for bf16"):
+    with pytest.raises(ServerError, match="onnxruntime runs this model in fp32 only; use the openvino engine for bf16"):
         ServerConfig(model=model_file, engine="onnxruntime", precision="bf16").check()
 
 
