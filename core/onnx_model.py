@@ -76,29 +76,30 @@ class OnnxRuntimeEngine:
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.inputs = [_Port(i.name, _dims(i.shape), _ORT_TYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
-        self.outputs = [_Port(o.name, _dims(o.shape), _ORT_TYPES.get(o.type, o.type)) for o in self.session.get_outputs()]
+        self.inputs = [_ort_port(i) for i in self.session.get_inputs()]
+        self.outputs = [_ort_port(o) for o in self.session.get_outputs()]
 
     def run(self, features: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: features})[0]
 
 
 class OpenVinoEngine:
-    """The graph compiled by OpenVINO for the CPU, in fp32 or bf16; one stream per parallel call."""
+    """The graph compiled by OpenVINO for the CPU, in fp32 or bf16 (``auto``: bf16 where the CPU
+    has it); one stream per parallel call."""
 
     name = "openvino"
 
-    def __init__(self, path: Path, threads: int | None, precision: str, parallel_calls: int = 1) -> None:
+    def __init__(self, path: Path, threads: int | None, precision: str = "auto", parallel_calls: int = 1) -> None:
         core = ov.Core()
-        if precision == "bf16" and not cpu_has_bf16(core):
+        if precision == "auto":
+            precision = "bf16" if cpu_has_bf16(core) else "fp32"
+        elif precision == "bf16" and not cpu_has_bf16(core):
             raise ModelError("bf16 needs a CPU that computes bfloat16 natively (AVX512_BF16 or AMX); "
                              "this one does not: use precision fp32")
         try:
             model = core.read_model(str(path))
-            self.inputs = [_Port(p.get_any_name(), _ov_dims(p.get_partial_shape()), p.get_element_type().get_type_name())
-                           for p in model.inputs]
-            self.outputs = [_Port(p.get_any_name(), _ov_dims(p.get_partial_shape()), p.get_element_type().get_type_name())
-                            for p in model.outputs]
+            self.inputs = [_ov_port(p) for p in model.inputs]
+            self.outputs = [_ov_port(p) for p in model.outputs]
             config = {
                 "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
                 "NUM_STREAMS": parallel_calls,
@@ -149,9 +150,8 @@ def open_engine(path: Path, engine: str = "auto", precision: str = "auto", threa
         raise ModelError("; ".join(problems))
     if engine == "onnxruntime":
         return OnnxRuntimeEngine(path, threads)
-    resolved = precision if precision != "auto" else ("bf16" if cpu_has_bf16() else "fp32")
     try:
-        return OpenVinoEngine(path, threads, resolved, parallel_calls)
+        return OpenVinoEngine(path, threads, precision, parallel_calls)
     except ModelError as exc:
         if engine == "openvino" or precision == "bf16":
             raise
@@ -213,12 +213,13 @@ class OnnxEmbedder(SpeakerEmbedder):
         return self.engine.run(batch).astype(np.float32, copy=False)
 
 
-def _dims(shape: list) -> tuple[int | None, ...]:
-    return tuple(d if isinstance(d, int) else None for d in shape)
+def _ort_port(node: ort.NodeArg) -> _Port:
+    return _Port(node.name, tuple(d if isinstance(d, int) else None for d in node.shape), _ORT_TYPES.get(node.type, node.type))
 
 
-def _ov_dims(shape: ov.PartialShape) -> tuple[int | None, ...]:
-    return tuple(d.get_length() if d.is_static else None for d in shape)
+def _ov_port(output: ov.Output) -> _Port:
+    shape = tuple(d.get_length() if d.is_static else None for d in output.get_partial_shape())
+    return _Port(output.get_any_name(), shape, output.get_element_type().get_type_name())
 
 
 def _openvino_metadata(model: ov.Model) -> dict[str, str]:
