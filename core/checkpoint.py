@@ -5,7 +5,9 @@ never arbitrary pickled objects. Accepted layouts:
 - upstream's plain ``state_dict`` (``pretrained_eres2netv2w24s4ep4.ckpt``), with or without the
   ``module.`` prefix that DataParallel/DDP training leaves on every key;
 - an spkft checkpoint: a dict with ``format == "spkft"``, the variant, the model arguments and the
-  embedding-model weights under ``model`` (training adds head, optimiser and progress state).
+  embedding-model weights under ``model`` (training adds head, optimiser and progress state;
+  ``spkft adapt`` adds a backend adaptation under ``adaptation``, see
+  :meth:`~spkft.core.adaptation.Adaptation.to_dict`).
 
 When the caller names no variant, the architecture is read off the tensor shapes.
 """
@@ -21,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
+from spkft.core.adaptation import AdaptedModel, Adaptation
 from spkft.core.errors import CheckpointError, first_line
 from spkft.core.model import VARIANTS, ERes2NetV2, ERes2NetV2Config, model_config
 
@@ -32,12 +35,26 @@ SIZE_ARGS = ("num_blocks", "m_channels", "feat_dim", "embedding_size", "two_emb_
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """An eval-mode model plus where it came from."""
+    """An eval-mode model plus where it came from.
+
+    ``model`` is always the bare network (for training, state_dicts and 3D-Speaker's format);
+    embeddings for users come from :attr:`inference_model`, which adds the checkpoint's
+    adaptation when it carries one.
+    """
 
     model: ERes2NetV2
     variant: str
     config: ERes2NetV2Config
     checkpoint: dict[str, Any]  # the whole file as read (metadata of spkft checkpoints lives here)
+    adaptation: Adaptation | None = None
+
+    @property
+    def inference_model(self) -> ERes2NetV2 | AdaptedModel:
+        """The module whose output users get as the embedding: the model behind its adaptation, if any."""
+        if self.adaptation is None:
+            return self.model
+        device = next(self.model.parameters()).device
+        return AdaptedModel(self.model, self.adaptation).to(device).eval()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -173,12 +190,23 @@ def load_model(
     ``variant`` and ``overrides`` (constructor arguments) are inferred from the file when absent;
     when given, they must match the file's tensors, or the error names the keys that do not.
     """
-    checkpoint = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, variant, device, **overrides)
+
+
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any],
+    source: str | Path,
+    variant: str | None = None,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> LoadedModel:
+    """:func:`load_model` for a checkpoint already in memory (such as an average); ``source`` names it in errors."""
+    checkpoint = dict(checkpoint)
     try:
         state = embedding_state_dict(checkpoint)
         found_variant, found = _described_config(checkpoint, state)
     except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{source}: {exc}") from None
     if variant is None:
         variant, args = found_variant, found.to_dict()
     else:
@@ -191,10 +219,28 @@ def load_model(
     model = ERes2NetV2(config)
     problem = describe_mismatch(model, state)
     if problem:
-        raise CheckpointError(f"{path}: does not fit ERes2NetV2 variant {variant!r} ({problem})")
+        raise CheckpointError(f"{source}: does not fit ERes2NetV2 variant {variant!r} ({problem})")
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
-    return LoadedModel(model=model, variant=variant, config=config, checkpoint=checkpoint)
+    return LoadedModel(model=model, variant=variant, config=config, checkpoint=checkpoint,
+                       adaptation=_adaptation(source, checkpoint, config))
+
+
+def _adaptation(path: str | Path, checkpoint: Mapping[str, Any], config: ERes2NetV2Config) -> Adaptation | None:
+    """The adaptation an spkft checkpoint carries, checked against the model's embedding size."""
+    record = checkpoint.get("adaptation") if checkpoint.get("format") == SPKFT_FORMAT else None
+    if record is None:
+        return None
+    if not isinstance(record, Mapping):
+        raise CheckpointError(f"{path}: malformed adaptation record (a {type(record).__name__})")
+    try:
+        adaptation = Adaptation.from_dict(record)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if adaptation.dim != config.embedding_size:
+        raise CheckpointError(f"{path}: its adaptation is for {adaptation.dim}-dim embeddings; "
+                              f"the model makes {config.embedding_size}-dim ones")
+    return adaptation
 
 
 def embedding_checkpoint(model: ERes2NetV2, variant: str, **extra: Any) -> dict[str, Any]:

@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spkft.core.adaptation import Adaptation, AdaptedModel
 from spkft.core.audio import AudioSource, Waveform, load_audio
 from spkft.core.checkpoint import load_model
 from spkft.core.errors import DeviceError
 from spkft.core.features import FEATURE_DIM, FRAME_SHIFT_MS, fbank
 from spkft.core.model import ERes2NetV2, check_frames
+from spkft.core.scoring import l2_normalise
 
 FRAMES_PER_SECOND = int(1000 / FRAME_SHIFT_MS)
 
@@ -59,11 +61,6 @@ def window_starts(frames: int, window: int) -> list[int]:
     if count == 1:
         return [0]
     return [round(i * (frames - length) / (count - 1)) for i in range(count)]
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
 
 
 def cosine_score(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,11 +127,11 @@ class SpeakerEmbedder(ABC):
 
 
 class Embedder(SpeakerEmbedder):
-    """Speaker embeddings from an ERes2NetV2 PyTorch model."""
+    """Speaker embeddings from an ERes2NetV2 PyTorch model, bare or behind its adaptation."""
 
     def __init__(
         self,
-        model: ERes2NetV2,
+        model: ERes2NetV2 | AdaptedModel,
         device: str | torch.device = "cpu",
         max_whole_seconds: float = 30.0,
         chunk_seconds: float = 10.0,
@@ -145,14 +142,22 @@ class Embedder(SpeakerEmbedder):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, variant: str | None = None, device: str | torch.device = "cpu", **kwargs
+        cls, path: str | Path, variant: str | None = None, device: str | torch.device = "cpu",
+        adapted: bool = True, **kwargs
     ) -> Embedder:
+        """The checkpoint's model, behind the adaptation it carries unless ``adapted`` is False."""
         resolved = resolve_device(device)
-        return cls(load_model(path, variant=variant, device=resolved).model, resolved, **kwargs)
+        loaded = load_model(path, variant=variant, device=resolved)
+        return cls(loaded.inference_model if adapted else loaded.model, resolved, **kwargs)
 
     @property
     def embedding_dim(self) -> int:
         return self.model.config.embedding_size
+
+    @property
+    def adaptation(self) -> Adaptation | None:
+        """The backend adaptation the model applies, if any."""
+        return self.model.adaptation if isinstance(self.model, AdaptedModel) else None
 
     @torch.inference_mode()
     def _forward(self, features: torch.Tensor) -> np.ndarray:

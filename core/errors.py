@@ -79,5 +79,9 @@ class ModelError(SpkftError):
     """An exported (ONNX) model file that is missing, unreadable or not a speaker-embedding model."""
 
 
+class AdaptationError(SpkftError):
+    """A backend adaptation that cannot be fitted from the embeddings and labels given."""
+
+
 class ExportError(SpkftError):
     """An export that could not be written or whose result does not match the PyTorch model."""

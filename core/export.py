@@ -17,11 +17,21 @@ the dynamo exporter takes far longer for the same graph. The file's custom metad
   checkpoint's epoch): ``spkft_eer``, ``spkft_eer_threshold``, ``spkft_min_dcf``,
   ``spkft_min_dcf_threshold``, ``spkft_min_dcf_p_target``, ``spkft_threshold_at_far_<far>``,
   ``spkft_trials``, ``spkft_target_trials``, ``spkft_evaluation_data`` (e.g. ``validation``);
+- when the checkpoint carries a backend adaptation (``spkft adapt``, :mod:`spkft.core.adaptation`):
+  ``spkft_adaptation`` (``center``, ``whiten`` or ``wccn``), ``spkft_adaptation_recordings``,
+  ``spkft_adaptation_speakers`` (when it was fitted with labels), ``spkft_adaptation_shrinkage``
+  and ``spkft_adaptation_source``;
 - in an int8 file only: ``spkft_quantization`` (``int8``).
 
+An adaptation is part of the ONNX graph (the network's output, normalised, minus the domain's
+mean, times the transform), so the file embeds exactly as the adapted checkpoint does in spkft.
+3D-Speaker's format is a bare state_dict with no place for it: that export writes the network's
+weights alone and says so in :attr:`ExportResult.warnings`.
+
 The export checks itself before anything is written: the file is built under a temporary name
-beside the output, onnxruntime runs it against PyTorch on several batch sizes and lengths, and
-only if every embedding agrees (cosine >= :data:`MIN_COSINE`) is it renamed into place.
+beside the output, onnxruntime runs it against PyTorch (the adapted module, when there is an
+adaptation) on several batch sizes and lengths, and only if every embedding agrees (cosine >=
+:data:`MIN_COSINE`) is it renamed into place.
 """
 
 from __future__ import annotations
@@ -34,14 +44,16 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx
 import torch
 
 from spkft.core import __version__
-from spkft.core.checkpoint import load_model
+from spkft.core.adaptation import Adaptation
+from spkft.core.average import average_checkpoints
+from spkft.core.checkpoint import LoadedModel, load_model, model_from_checkpoint
 from spkft.core.embedding import Embedder, SpeakerEmbedder
 from spkft.core.errors import ExportError, ModelError, first_line
 from spkft.core.features import SAMPLE_RATE
@@ -53,6 +65,7 @@ DEFAULT_OPSET = 17
 # What torch.onnx.export(dynamo=False) writes in torch 2.11; outside it, it fails after dumping its whole graph.
 MIN_OPSET, MAX_OPSET = 9, 20
 DEFAULT_LANGUAGE = "unspecified"
+ADAPTATION_KEY = "spkft_adaptation"
 MIN_COSINE = 0.99999
 # int8 weights cannot meet MIN_COSINE; below this the quantized model is broken, not just coarser.
 MIN_QUANTIZED_COSINE = 0.9
@@ -89,13 +102,14 @@ class ExportResult:
     parity: Agreement  # the written model against the checkpoint's PyTorch model
     seconds: float
     quantized: QuantizedModel | None = None
+    warnings: tuple[str, ...] = ()  # what the written file leaves out that the checkpoint has
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
 def export_onnx(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     output: str | Path,
     opset: int = DEFAULT_OPSET,
     variant: str | None = None,
@@ -107,6 +121,7 @@ def export_onnx(
 
     ``threshold`` overrides the calibrated decision threshold stored in the metadata; with
     ``quantize="int8"`` a dynamically quantized copy is written beside the output as ``<stem>.int8.onnx``.
+    A list of checkpoints exports their average (:func:`~spkft.core.average.average_checkpoints`).
     """
     if quantize not in (None, "int8"):
         raise ExportError(f"unknown quantization {quantize!r}; the only one is int8")
@@ -114,9 +129,10 @@ def export_onnx(
         raise ExportError(f"ONNX opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
     started = time.monotonic()
     output = Path(output)
-    loaded = load_model(checkpoint, variant=variant)
-    model = loaded.model
-    metadata = onnx_metadata(loaded.variant, model.config.to_dict(), loaded.checkpoint, language, threshold)
+    loaded = _load(checkpoint, variant)
+    model = loaded.inference_model
+    metadata = onnx_metadata(loaded.variant, model.config.to_dict(), loaded.checkpoint, language, threshold,
+                             loaded.adaptation)
     proto = _trace(model, opset)
     onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto)
@@ -133,22 +149,41 @@ def export_onnx(
                         time.monotonic() - started, quantized)
 
 
-def export_3dspeaker(checkpoint: str | Path, output: str | Path, variant: str | None = None) -> ExportResult:
-    """Write the embedding model as upstream's plain state_dict (like ``pretrained_*.ckpt``), checked by reloading."""
+def export_3dspeaker(
+    checkpoint: str | Path | Sequence[str | Path], output: str | Path, variant: str | None = None
+) -> ExportResult:
+    """Write the embedding model as upstream's plain state_dict (like ``pretrained_*.ckpt``), checked by reloading.
+
+    A list of checkpoints writes their average (:func:`~spkft.core.average.average_checkpoints`).
+    """
     started = time.monotonic()
     output = Path(output)
-    model = load_model(checkpoint, variant=variant).model
+    loaded = _load(checkpoint, variant)
+    model = loaded.model
+    left_out: tuple[str, ...] = ()
+    if loaded.adaptation is not None:
+        left_out = (f"{checkpoint}'s {loaded.adaptation.method} adaptation is not in the 3D-Speaker format "
+                    "(a bare state_dict): these weights embed without it; export --format onnx to keep it",)
     with staged(output) as tmp:
         torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
         parity = agreement(Embedder(model), Embedder(load_model(tmp).model))
         if parity.max_abs_diff != 0.0:
             raise ExportError(f"the reloaded state_dict embeds differently (max abs diff {parity.max_abs_diff:.3g}); "
                               f"{output} was not written")
-    return ExportResult(output, "3dspeaker", output.stat().st_size, None, {}, parity, time.monotonic() - started)
+    return ExportResult(output, "3dspeaker", output.stat().st_size, None, {}, parity, time.monotonic() - started,
+                        warnings=left_out)
+
+
+def _load(checkpoint: str | Path | Sequence[str | Path], variant: str | None) -> LoadedModel:
+    """One checkpoint file, or the average of several."""
+    if isinstance(checkpoint, (str, Path)):
+        return load_model(checkpoint, variant=variant)
+    return model_from_checkpoint(average_checkpoints(checkpoint), "the averaged checkpoints", variant=variant)
 
 
 def onnx_metadata(
-    variant: str, model_args: dict[str, Any], checkpoint: dict[str, Any], language: str, threshold: float | None
+    variant: str, model_args: dict[str, Any], checkpoint: dict[str, Any], language: str, threshold: float | None,
+    adaptation: Adaptation | None = None,
 ) -> dict[str, str]:
     """The ONNX custom metadata of the module docstring."""
     metadata = {
@@ -170,6 +205,15 @@ def onnx_metadata(
         metadata |= {THRESHOLD_KEY: metadata["spkft_eer_threshold"], "spkft_threshold_source": "eer"}
     if threshold is not None:
         metadata |= {THRESHOLD_KEY: repr(float(threshold)), "spkft_threshold_source": "given"}
+    if adaptation is not None:
+        metadata |= {
+            ADAPTATION_KEY: adaptation.method,
+            "spkft_adaptation_recordings": str(adaptation.recordings),
+            "spkft_adaptation_shrinkage": repr(adaptation.shrinkage),
+            "spkft_adaptation_source": adaptation.source,
+        }
+        if adaptation.speakers is not None:
+            metadata["spkft_adaptation_speakers"] = str(adaptation.speakers)
     return metadata
 
 

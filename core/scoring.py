@@ -20,6 +20,12 @@ _CHUNK_ELEMENTS = 1 << 22
 _UNIT_NORM_TOLERANCE = 1e-3
 
 
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to unit length along its last axis (a zero vector stays zero)."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
 def _check_unit_norm(vectors: np.ndarray, what: str) -> None:
     norms = np.linalg.norm(vectors, axis=1)
     off = np.flatnonzero(np.abs(norms - 1.0) > _UNIT_NORM_TOLERANCE)

@@ -10,7 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from spkft.core.train import ConfigError, TrainConfig, check_paths, load_config
+from spkft.core.train.recipes import apply_recipe, resolve_recipe
 from spkft.tui.cli import app
+from tests.data_helpers import write_wav
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXAMPLES = sorted(CONFIGS.glob("*.yaml"))
@@ -130,32 +132,49 @@ def test_check_paths_lists_every_missing_path_together(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the examples
-# A few values that say what each example is for; every file in configs/ must be listed here.
+# A few values that say what each example is for, once its recipe is applied; every file in
+# configs/ must be listed here.
 EXPECTED = {
     "librispeech-small.yaml": {  # the README's run on the shared LibriSpeech set
+        "recipe": None,
         "data.train": Path("../shared/data/librispeech-train-clean-100-251spk/manifest.csv"),
         "data.val_speakers": 30, "model.init": None, "model.variant": "eres2netv2", "model.args": {"m_channels": 8},
         "freeze.stages": "none", "optim.optimizer": "adamw", "optim.lr": 0.002, "run.epochs": 16,
     },
-    "finetune-w24s4ep4.yaml": {
+    "finetune-w24s4ep4.yaml": {  # auto, resolved here as it resolves for tens of speakers
+        "recipe": "partial",
         "data.train": Path("data/train.csv"), "model.init": PRETRAINED, "model.variant": "eres2netv2_w24s4ep4",
         "freeze.stages": "early", "freeze.head_only_epochs": 1, "freeze.backbone_lr_scale": 0.1,
-        "head.margin": 0.2, "head.margin_schedule": "linear", "optim.lr": 0.01, "run.patience": 2,
+        "head.margin": 0.2, "head.margin_schedule": "linear", "run.batch_size": 64,
     },
     "small-data.yaml": {
+        "recipe": "linear-probe",
         "data.train": Path("data/train.csv"), "model.init": PRETRAINED, "freeze.stages": "encoder",
-        "head.stats_dropout": 0.3, "head.label_smoothing": 0.1, "freeze.l2_sp": 0.01,
+        "data.val_speakers": 4, "augment.crop_seconds": 2.0,
     },
     "augmented.yaml": {
+        "recipe": "partial",
         "model.init": PRETRAINED, "augment.noise_dir": Path("data/musan/noise"), "augment.rir_dir": Path("data/rirs"),
         "augment.noise_snr_db": (0.0, 15.0), "augment.speed_perturb": True, "freeze.head_only_epochs": 1,
+        "run.epochs": 12,
     },
 }
 
 
 def setting(config: TrainConfig, dotted: str):
+    if "." not in dotted:
+        return getattr(config, dotted)
     section, key = dotted.split(".")
     return getattr(getattr(config, section), key)
+
+
+def resolved(path: Path) -> TrainConfig:
+    """An example as a run would resolve it; ``auto`` (which scans data.train, a placeholder here)
+    as it resolves for tens of speakers."""
+    config = load_config(path)
+    if config.recipe == "auto":
+        return apply_recipe(config, "partial")
+    return resolve_recipe(config)[0]
 
 
 def test_every_example_config_is_checked():
@@ -164,12 +183,12 @@ def test_every_example_config_is_checked():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_config_is_valid_and_says_what_it_is_for(path):
-    config = load_config(path)  # the schema only: the data paths are placeholders
+    config = resolved(path)  # the schema only: the data paths are placeholders
     assert {key: setting(config, key) for key in EXPECTED[path.name]} == EXPECTED[path.name]
     if config.model.init is not None:
-        # Fine-tuning, as 3D-Speaker's maintainers advise: 1/10-1/100 of upstream's rate, few epochs.
+        # Fine-tuning, as 3D-Speaker's maintainers advise: 1/10-1/100 of upstream's rate, early stopping.
         assert UPSTREAM_LR / 100 <= config.optim.lr <= UPSTREAM_LR / 10
-        assert config.run.epochs <= 12 and config.run.patience is not None
+        assert config.run.patience is not None
         assert config.model.variant == "eres2netv2_w24s4ep4"
     if config.freeze.l2_sp > 0:
         assert config.model.init is not None, "L2-SP pulls toward pretrained weights, so it needs model.init"
@@ -177,9 +196,19 @@ def test_example_config_is_valid_and_says_what_it_is_for(path):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_print_config_gives_back_the_same_config(path, tmp_path):
-    result = runner.invoke(app, ["train", "--config", str(path), "--print-config"])
+    arguments = ["train", "--config", str(path), "--print-config"]
+    overrides = {}
+    if load_config(path).recipe == "auto":  # auto scans the training data: give it some
+        for speaker in range(3):
+            write_wav(tmp_path / "data" / f"s{speaker}" / "a.wav", seconds=0.5)
+            write_wav(tmp_path / "data" / f"s{speaker}" / "b.wav", seconds=0.5, frequency=330.0)
+        arguments += ["--train", str(tmp_path / "data")]
+        overrides = {"data.train": tmp_path / "data"}
+    result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
-    assert set(yaml.safe_load(result.stdout)) == {"data", "model", "augment", "head", "freeze", "optim", "run"}
+    assert set(yaml.safe_load(result.stdout)) == {"recipe", "data", "model", "augment", "head", "freeze", "optim", "run"}
     printed = tmp_path / "printed.yaml"
     printed.write_text(result.stdout)
-    assert load_config(printed) == load_config(path)
+    assert load_config(printed) == resolve_recipe(load_config(path, overrides))[0]
+    if load_config(path).recipe is not None:
+        assert result.stdout.startswith("# recipe ")

@@ -13,15 +13,16 @@ import pytest
 import torch
 import yaml
 from textual.pilot import Pilot
-from textual.widgets import Button, DirectoryTree, RadioButton, SelectionList, Static
+from textual.widgets import Button, DirectoryTree, RadioButton, RadioSet, Select, SelectionList, Static
 
 from spkft.core.export import MIN_COSINE
 from spkft.core.train import load_config
-from spkft.core.train.config import FREEZE_PRESETS
+from spkft.core.train.config import FREEZE_PRESETS, STAGES
+from spkft.core.train.recipes import describe, pick_recipe, recipe_values, resolve_recipe, training_data
 from spkft.tui.wizard.app import WizardApp
 from spkft.tui.wizard.dialogs import ErrorDialog, PromptDialog
 from spkft.tui.wizard.draft import Draft
-from spkft.tui.wizard.fields import InputField
+from spkft.tui.wizard.fields import InputField, SelectField, as_text
 from spkft.tui.wizard.pickers import PathPicker
 from spkft.tui.wizard.step import StepScreen
 from spkft.tui.wizard.steps.model import WidthField
@@ -109,6 +110,27 @@ def status(app: WizardApp) -> str:
     return str(step(app).query_one("#status", Static).render())
 
 
+def text_of(app: WizardApp, selector: str) -> str:
+    return str(step(app).query_one(selector, Static).render())
+
+
+def chosen(app: WizardApp, radio_set: str) -> str:
+    """The button pressed in a step's radio set, by the name after its prefix (``recipe-partial`` -> ``partial``)."""
+    return step(app).query_one(f"#{radio_set}s", RadioSet).pressed_button.id.removeprefix(f"{radio_set}-")
+
+
+async def choose_recipe(pilot: Pilot, name: str) -> None:
+    """Click a recipe on step 3, and let the widgets it changes (the preset) catch up."""
+    await pilot.click(f"#recipe-{name}")
+    await settle(pilot)
+
+
+def knobs(draft: Draft, name: str) -> dict:
+    """What the draft holds for each knob recipe ``name`` sets, beside what the recipe sets."""
+    values = recipe_values(name, pretrained=draft.pretrained)
+    return {key: (draft.get(key), value) for key, value in values.items() if draft.get(key) != value}
+
+
 def run_config(librispeech_dir: Path, reference_dir: Path, output_dir: Path, **run) -> Draft:
     """A draft ready for step 6: the tiny checkpoint on LibriSpeech, a few short steps."""
     config = load_config(None, {
@@ -144,7 +166,10 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
         assert "eres2netv2_w24s4ep4 · m_channels 8" in info and "✓" in info
         await next_step(pilot, 3)
 
-        # 3 Freezing: the early preset, then one more stage by hand; the total follows.
+        # 3 Freezing: auto's recipe for 247 speakers, then the early preset and one more stage by hand.
+        pick = pick_recipe(training_data(app.draft.config, app.draft.scan), pretrained=True)
+        assert chosen(app, "recipe") == "auto" and app.draft.config.recipe == pick.name
+        assert text_of(app, "#recipe-line") == f"auto → {pick.name}: {pick.reason}"
         before = str(step(app).query_one("#total", Static).render())
         step(app).query_one("#preset-early", RadioButton).value = True
         await pilot.pause()
@@ -152,11 +177,13 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
         await pilot.pause()
         assert str(step(app).query_one("#total", Static).render()) != before
         assert step(app).query_one("#preset-custom", RadioButton).value
+        assert chosen(app, "recipe") == "custom" and app.draft.config.recipe is None
         await type_into(pilot, "freeze.head_only_epochs", "1")
         await next_step(pilot, 4)
 
-        # 4 Hyperparameters: defaults for fine-tuning filled in, a batch size suggested, then ours.
-        assert field(app, "optim.lr").input.value == "0.01"
+        # 4 Hyperparameters: the recipe's values kept, a batch size suggested, then ours.
+        recipe_lr = recipe_values(pick.name, pretrained=True)["optim.lr"]
+        assert field(app, "optim.lr").input.value == as_text(recipe_lr)
         assert "Suggested" in str(step(app).query_one("#batch-advice", Static).render())
         choices = {"optim.lr": "0.005", "run.epochs": "2", "run.batch_size": "2", "run.steps_per_epoch": "2",
                    "augment.crop_seconds": "0.5", "run.patience": "2"}
@@ -172,7 +199,7 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
         await press(pilot, "#save")
         saved = load_config(tmp_path / "saved.yaml")
         assert saved.optim.lr == 0.005 and saved.run.epochs == 2 and saved.freeze.head_only_epochs == 1
-        assert saved.freeze.stages == ["stem", "layer1", "layer2", "layer3"]
+        assert saved.freeze.stages == ["stem", "layer1", "layer2", "layer3"] and saved.recipe is None
         assert (saved.data.val_speakers, saved.data.test_speakers) == (2, 2)
         assert saved.model.init == reference_dir / "tiny_w24s4ep4_m8.ckpt"
         await next_step(pilot, 6)
@@ -251,6 +278,181 @@ async def test_a_checkpoint_is_picked_from_the_file_tree(scratch):
         await pilot.press("enter")
         await pilot.pause()
         assert field(app, "model.init").input.value == str(scratch / "tiny.ckpt")
+
+
+# ---------------------------------------------------------------------------------- recipes
+async def test_step_3_starts_on_auto_with_what_it_recommends_selected(scratch):
+    app = app_at(3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        draft = app.draft
+        pick = pick_recipe(training_data(draft.config, draft.scan), pretrained=True)
+        assert pick.name == "linear-probe"  # 2 training speakers of a few seconds each
+        assert chosen(app, "recipe") == "auto" and draft.config.recipe == "linear-probe"
+        assert text_of(app, "#recipe-line") == f"auto → linear-probe: {pick.reason}"
+        stages = recipe_values("linear-probe", pretrained=True)["freeze.stages"]
+        assert chosen(app, "preset") == stages
+        assert set(step(app).query_one("#stages", SelectionList).selected) == set(FREEZE_PRESETS[stages])
+        assert knobs(draft, "linear-probe") == {}
+
+
+async def test_choosing_a_recipe_sets_every_knob_it_owns(scratch):
+    app = app_at(3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        for name in ("partial", "full", "linear-probe"):  # each sets something the one before did not
+            await choose_recipe(pilot, name)
+            assert chosen(app, "recipe") == name and app.draft.config.recipe == name
+            assert knobs(app.draft, name) == {}
+            assert text_of(app, "#recipe-line") == f"{name}: {describe(name, pretrained=True)}"
+            values = recipe_values(name, pretrained=True)
+            assert chosen(app, "preset") == values["freeze.stages"]
+            for key in ("freeze.head_only_epochs", "freeze.backbone_lr_scale", "freeze.l2_sp"):
+                assert field(app, key).input.value == as_text(values[key]), key
+        await choose_recipe(pilot, "full")
+        await next_step(pilot, 4)
+        values = recipe_values("full", pretrained=True)
+        assert text_of(app, "#recipe-line").startswith(f"Recipe full: {describe('full', pretrained=True)}")
+        for key in ("optim.lr", "optim.weight_decay", "run.epochs", "optim.warmup_epochs", "head.margin",
+                    "head.stats_dropout", "head.label_smoothing", "run.patience"):
+            assert field(app, key).input.value == as_text(values[key]), key
+        optimiser = next(f for f in step(app).query(SelectField) if f.key == "optim.optimizer")
+        assert optimiser.query_one(Select).value == values["optim.optimizer"]
+
+
+async def test_changing_a_knob_the_recipe_set_makes_the_choice_custom(scratch):
+    partial = recipe_values("partial", pretrained=True)
+    app = app_at(3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await choose_recipe(pilot, "partial")
+        scale = partial["freeze.backbone_lr_scale"] / 2
+        await type_into(pilot, "freeze.backbone_lr_scale", f"{scale:g}")
+        await settle(pilot)
+        assert chosen(app, "recipe") == "custom" and app.draft.config.recipe is None
+        assert text_of(app, "#recipe-line") == "custom: your own values"
+        assert knobs(app.draft, "partial") == {"freeze.backbone_lr_scale": (scale, partial["freeze.backbone_lr_scale"])}
+
+        await choose_recipe(pilot, "partial")  # back to the recipe, then a stage frozen by hand
+        assert app.draft.config.recipe == "partial" and knobs(app.draft, "partial") == {}
+        frozen = FREEZE_PRESETS[partial["freeze.stages"]]
+        extra = next(stage for stage in STAGES if stage not in frozen)
+        step(app).query_one("#stages", SelectionList).select(extra)
+        await settle(pilot)
+        assert chosen(app, "recipe") == "custom" and chosen(app, "preset") == "custom"
+        assert set(app.draft.config.freeze.stages) == {*frozen, extra}
+
+        await choose_recipe(pilot, "partial")
+        await next_step(pilot, 4)
+        await type_into(pilot, "head.scale", "30")  # no recipe sets the scale: the recipe stays
+        assert app.draft.config.recipe == "partial"
+        assert text_of(app, "#recipe-line").startswith("Recipe partial: ")
+        lr = partial["optim.lr"] / 2
+        await type_into(pilot, "optim.lr", f"{lr:g}")
+        assert app.draft.config.recipe is None and app.draft.recipe == "custom"
+        assert text_of(app, "#recipe-line") == "Recipe custom: your own values"
+        assert knobs(app.draft, "partial") == {"optim.lr": (lr, partial["optim.lr"])}
+
+
+async def test_a_fresh_model_trains_from_scratch_and_cannot_take_a_fine_tuning_recipe(scratch):
+    app = app_at(3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await choose_recipe(pilot, "partial")
+        await pilot.press("ctrl+b")
+        await settle(pilot)
+        step(app).query_one("#fresh", RadioButton).value = True
+        await pilot.pause()
+        step(app).query_one("#m-channels").value = "8"
+        await press(pilot, "#load")
+        await settle(pilot)
+        await next_step(pilot, 3)
+        draft = app.draft
+        assert "partial fine-tunes a pretrained checkpoint" in status(app)  # the choice had to change
+        for name in ("linear-probe", "partial"):
+            assert step(app).query_one(f"#recipe-{name}", RadioButton).disabled
+        assert "linear-probe and partial fine-tune a pretrained checkpoint" in text_of(app, "#recipe-refused")
+        pick = pick_recipe(training_data(draft.config, draft.scan), pretrained=False)
+        assert pick.name == "full"
+        assert chosen(app, "recipe") == "auto" and draft.config.recipe == "full"
+        assert text_of(app, "#recipe-line") == f"auto → full: {pick.reason}"
+        assert knobs(draft, "full") == {}
+        await choose_recipe(pilot, "partial")  # refused: nothing changes
+        assert chosen(app, "recipe") == "auto" and draft.config.recipe == "full"
+        await next_step(pilot, 4)
+        assert text_of(app, "#recipe-line").startswith(f"Recipe auto → full: {pick.reason}")
+        for key in ("optim.lr", "run.epochs"):  # the recipe's, not the defaults suggested from scratch
+            assert field(app, key).input.value == as_text(recipe_values("full", pretrained=False)[key]), key
+
+
+async def test_back_and_next_keep_the_recipe_choice(scratch):
+    app = app_at(3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await choose_recipe(pilot, "full")
+        await next_step(pilot, 4)
+        assert text_of(app, "#recipe-line").startswith("Recipe full: ")
+        for number in (3, 2, 1):
+            await pilot.press("ctrl+b")
+            await settle(pilot)
+            assert step(app).NUMBER == number
+        await next_step(pilot, 2)
+        await next_step(pilot, 3)
+        assert chosen(app, "recipe") == "full" and app.draft.config.recipe == "full"
+        assert knobs(app.draft, "full") == {}
+        await next_step(pilot, 4)
+        assert text_of(app, "#recipe-line").startswith("Recipe full: ")
+
+
+async def test_a_saved_config_reloads_with_the_recipe_chosen(scratch):
+    app = app_at(3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await choose_recipe(pilot, "partial")  # not what auto picks for this data
+        await next_step(pilot, 4)
+        for key, text in {"run.batch_size": "2", "augment.crop_seconds": "0.5", "run.steps_per_epoch": "2"}.items():
+            await type_into(pilot, key, text)  # no recipe sets these: the recipe stays
+        await next_step(pilot, 5)
+        assert "recipe: partial" in text_of(app, "#yaml").splitlines()
+        # The estimate runs the trainer on this config, which applies the recipe again: same run.
+        assert "per epoch" in text_of(app, "#estimate")
+        step(app).query_one("#save-path").value = "saved.yaml"
+        await press(pilot, "#save")
+        built = app.draft.config
+    saved = load_config("saved.yaml")
+    assert saved.recipe == "partial" and saved.model_dump() == built.model_dump()
+    assert resolve_recipe(saved)[0].model_dump() == saved.model_dump()  # spkft train --config runs the same
+
+    again = WizardApp(Draft.from_config(saved))
+    async with again.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await next_step(pilot, 2)
+        await next_step(pilot, 3)
+        assert chosen(again, "recipe") == "partial" and again.draft.config.recipe == "partial"
+        assert knobs(again.draft, "partial") == {}
+        await next_step(pilot, 4)
+        assert text_of(again, "#recipe-line").startswith("Recipe partial: ")
+        assert field(again, "run.batch_size").input.value == "2"
+
+
+@pytest.mark.parametrize("saved, choice, recipe, values_of", [
+    ({}, "auto", "linear-probe", "linear-probe"),                             # a new wizard
+    ({"recipe": "auto"}, "auto", "linear-probe", "linear-probe"),
+    ({"recipe": "partial"}, "partial", "partial", "partial"),
+    ({"recipe": "partial", "optim.lr": 0.0042}, "custom", None, "partial"),   # the config's own value wins
+    ({"freeze.stages": "encoder"}, "custom", None, None),                     # knobs of its own, no recipe
+])
+async def test_a_config_makes_the_first_recipe_choice_as_spkft_train_reads_it(scratch, saved, choice, recipe,
+                                                                             values_of):
+    draft = Draft.from_config(load_config(None, {"data.train": "demo", "data.val_speakers": 2,
+                                                 "data.test_speakers": 2, "model.init": TINY_CHECKPOINT} | saved))
+    draft.scan = SCENES[1]().scan
+    assert draft.settle_recipe() is None
+    assert (draft.recipe, draft.config.recipe) == (choice, recipe)
+    own = {key: value for key, value in saved.items() if key != "recipe"}
+    assert {key: draft.get(key) for key in own} == own
+    if values_of is not None:  # the recipe's values everywhere else
+        assert set(knobs(draft, values_of)) == set(own)
 
 
 # ------------------------------------------------------------------------------------- Back
@@ -339,6 +541,7 @@ FIELD_ERRORS = [
     (4, "run.batch_size", "2.5", "valid integer"),
     (4, "augment.crop_seconds", "0.1", "greater than 0.2"),
     (4, "head.margin", "1", "less than 1"),
+    (4, "head.stats_dropout", "1", "less than 1"),
     (4, "run.patience", "0", "greater than or equal to 1"),
 ]
 

@@ -11,8 +11,9 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Button, Input, TabbedContent
 
+from spkft.tui.wizard.app import WizardApp
 from spkft.tui.wizard.step import STEP_NAMES, StepScreen
-from wizard_scenes import app_at
+from wizard_scenes import app_at, fresh_freeze_scene
 
 
 @pytest.fixture
@@ -35,6 +36,10 @@ async def until_idle(pilot: Pilot) -> None:
 @pytest.mark.parametrize("number", range(1, len(STEP_NAMES) + 1), ids=[name.lower() for name in STEP_NAMES])
 def test_each_step_at_80x24(snap_compare, scratch, number):
     assert snap_compare(app_at(number), terminal_size=(80, 24), run_before=until_idle)
+
+
+def test_freezing_a_fresh_model(snap_compare, scratch):
+    assert snap_compare(WizardApp(fresh_freeze_scene(), start=3), terminal_size=(80, 24), run_before=until_idle)
 
 
 def test_training_at_a_large_size(snap_compare, scratch):

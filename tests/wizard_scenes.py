@@ -61,14 +61,23 @@ def model_scene() -> Draft:
 
 
 def freeze_scene() -> Draft:
-    draft = model_scene()
-    draft.set("freeze.stages", "early")
-    draft.set("freeze.head_only_epochs", 1)
+    """Step 3 on first arrival: it chooses auto, which picks a recipe for the data and model."""
+    return model_scene()
+
+
+def fresh_freeze_scene() -> Draft:
+    """Step 3 with a fresh network: the recipes that fine-tune a pretrained one are refused."""
+    draft = data_scene()
+    draft.fresh_model = True
+    draft.set("model.variant", "eres2netv2_w24s4ep4")
+    draft.set("model.args", {"m_channels": 8})
+    draft.model = model_info(None, "eres2netv2_w24s4ep4", {"m_channels": 8})
     return draft
 
 
 def settings_scene() -> Draft:
     draft = freeze_scene()
+    draft.settle_recipe()  # as step 3 leaves it
     draft.batch = BatchSuggestion(batch_size=64, free_bytes=16 * 2**30, bytes_per_crop=67 * 2**20,
                                   state_bytes=28 * 2**20)
     return draft
@@ -76,12 +85,13 @@ def settings_scene() -> Draft:
 
 def review_scene() -> Draft:
     draft = settings_scene()
-    for key, value in {"optim.lr": 0.01, "run.epochs": EPOCHS, "run.batch_size": 8, "augment.crop_seconds": 2.0,
-                       "run.output_dir": RUN_DIR}.items():
-        draft.set(key, value)
+    # The recipe's values kept; what no recipe sets, chosen.
+    for key, value in {"run.batch_size": 8, "augment.crop_seconds": 2.0, "run.output_dir": RUN_DIR}.items():
+        draft.edit(key, value)
     draft.suggested = True
     draft.estimate = Estimate(step_seconds=1.85, validation_seconds=12.0, steps_per_epoch=STEPS_PER_EPOCH,
-                              epochs=EPOCHS, train_recordings=6, val_trials=21, basis=basis(draft.config))
+                              epochs=draft.config.run.epochs, train_recordings=6, val_trials=21,
+                              basis=basis(draft.config))
     return draft
 
 

@@ -24,6 +24,8 @@ class SourceKind(StrEnum):
     THREED_SPEAKER_CSV = "3d-speaker-csv"
     SPEAKER_FOLDERS = "speaker-folders"
     KALDI = "kaldi"
+    # Audio files with no speaker labels: accepted only where labels are optional (``allow_unlabelled``).
+    AUDIO_FOLDER = "audio-folder"
 
 
 class Reason(StrEnum):
@@ -94,6 +96,8 @@ class ScanReport:
     """Everything :func:`~spkft.core.data.scan` learnt about a source, before any training.
 
     ``recordings`` are the usable ones; rows in ``excluded`` are left out, each with its reason.
+    Recordings of an unlabelled source (:attr:`labelled` False) have the speaker
+    :data:`~spkft.core.data.sources.UNLABELLED` and count as no speaker at all.
     Recordings at another sample rate or with several channels are usable: they are resampled
     to 16 kHz and down-mixed (mean of the channels) when read, and counted here as fixes.
     """
@@ -109,8 +113,13 @@ class ScanReport:
     synthetic: bool = False  # the source is a demo set written by write_demo, not real speech
 
     @property
+    def labelled(self) -> bool:
+        """Whether the source names each recording's speaker."""
+        return self.kind is not SourceKind.AUDIO_FOLDER
+
+    @property
     def speakers(self) -> tuple[str, ...]:
-        return tuple(sorted({r.speaker for r in self.recordings}))
+        return tuple(sorted({r.speaker for r in self.recordings})) if self.labelled else ()
 
     @property
     def files(self) -> int:
@@ -137,6 +146,8 @@ class ScanReport:
 
     @property
     def recordings_per_speaker(self) -> dict[str, int]:
+        if not self.labelled:
+            return {}
         return dict(sorted(Counter(r.speaker for r in self.recordings).items()))
 
     @property

@@ -56,6 +56,7 @@ def scan(
     *,
     min_seconds: float = MIN_SECONDS,
     min_recordings_per_speaker: int = 1,
+    allow_unlabelled: bool = False,
     progress: ScanProgress | None = None,
 ) -> ScanReport:
     """Detect the layout of ``source``, check every row against its audio file and report.
@@ -63,9 +64,11 @@ def scan(
     Rows are excluded (never raised) for: a missing, unreadable or empty file; a recording
     shorter than ``min_seconds``; a repeated utterance id or segment of a file; a speaker left
     with fewer than ``min_recordings_per_speaker`` usable recordings; a malformed list row.
+    ``allow_unlabelled`` also accepts a folder of audio files without speaker labels (see
+    :func:`~spkft.core.data.sources.detect_source`).
     Raises :class:`~spkft.core.errors.DataError` only when the source as a whole is unusable.
     """
-    listing = read_source(source)
+    listing = read_source(source, allow_unlabelled=allow_unlabelled)
     excluded = list(listing.rejected)
     rows = _drop_duplicates(listing.rows, excluded)
     headers = _probe_all(sorted({row.path for row in rows}), progress)

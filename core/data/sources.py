@@ -5,7 +5,9 @@ Four layouts are accepted, told apart automatically:
   ``stop`` in seconds); relative paths are relative to the CSV's folder;
 - 3D-Speaker's ``train.csv`` (``ID,dur,path,start,stop,spk``), each row a segment of a file;
 - a folder with one subfolder per speaker, audio files anywhere below each of them;
-- a Kaldi data directory: ``wav.scp`` and ``utt2spk`` (and ``segments`` when there is one).
+- a Kaldi data directory: ``wav.scp`` and ``utt2spk`` (and ``segments`` when there is one);
+- only where speaker labels are optional (``allow_unlabelled``, e.g. fitting a backend
+  adaptation): a folder of audio files with no speaker folders, every recording unlabelled.
 
 A folder holding a ``manifest.csv`` is read through that list: labels someone wrote down
 win over labels inferred from folder names. Relative paths in ``wav.scp`` are taken relative
@@ -25,6 +27,7 @@ from spkft.core.errors import DataError
 
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3", ".opus"})
 MANIFEST_NAME = "manifest.csv"
+UNLABELLED = ""  # the speaker of a recording from an unlabelled source
 
 _CSV_COLUMNS = {"path", "speaker"}
 _3D_SPEAKER_COLUMNS = {"id", "dur", "path", "start", "stop", "spk"}
@@ -53,10 +56,12 @@ class Listing:
     rejected: tuple[Excluded, ...]
 
 
-def detect_source(source: str | Path) -> tuple[SourceKind, Path]:
+def detect_source(source: str | Path, *, allow_unlabelled: bool = False) -> tuple[SourceKind, Path]:
     """Which layout ``source`` has, and the file or folder to read it from.
 
-    Raises :class:`DataError` when it is none of the accepted layouts.
+    A folder of audio files without speaker folders is :attr:`SourceKind.AUDIO_FOLDER` when
+    ``allow_unlabelled``, else an error. Raises :class:`DataError` when it is none of the
+    accepted layouts.
     """
     path = Path(source).expanduser()
     if not path.exists():
@@ -78,7 +83,9 @@ def detect_source(source: str | Path) -> tuple[SourceKind, Path]:
         return _csv_kind(manifest, _read_header(manifest)), manifest
     if any(_has_audio(folder) for folder in _speaker_folders(path)):
         return SourceKind.SPEAKER_FOLDERS, path
-    if any(p.suffix.lower() in AUDIO_SUFFIXES for p in path.iterdir()):
+    if _loose_audio(path):
+        if allow_unlabelled:
+            return SourceKind.AUDIO_FOLDER, path
         raise DataError(
             f"{source}: audio files but no speaker labels; put each speaker's files in a folder "
             f"named after the speaker, or list them in a {MANIFEST_NAME} with columns path,speaker"
@@ -89,13 +96,16 @@ def detect_source(source: str | Path) -> tuple[SourceKind, Path]:
     )
 
 
-def read_source(source: str | Path) -> Listing:
+def read_source(source: str | Path, *, allow_unlabelled: bool = False) -> Listing:
     """Detect the layout of ``source`` and list its rows (no audio is opened)."""
-    kind, path = detect_source(source)
+    kind, path = detect_source(source, allow_unlabelled=allow_unlabelled)
     if kind is SourceKind.KALDI:
         rows, rejected = _read_kaldi(path)
     elif kind is SourceKind.SPEAKER_FOLDERS:
         rows, rejected = _read_speaker_folders(path)
+    elif kind is SourceKind.AUDIO_FOLDER:
+        rows = [Row(_utt_id_for(p, path), _utt_id_for(p, path), p, UNLABELLED) for p in _loose_audio(path)]
+        rejected = []
     else:
         rows, rejected = _read_csv(path, kind)
     if not rows and not rejected:
@@ -214,6 +224,11 @@ def audio_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
 
 
+def _loose_audio(folder: Path) -> list[Path]:
+    """Audio files directly in ``folder`` (not in its subfolders), in a stable order."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+
+
 def _has_audio(folder: Path) -> bool:
     return any(p.suffix.lower() in AUDIO_SUFFIXES and p.is_file() for p in folder.rglob("*"))
 
@@ -227,8 +242,7 @@ def _read_speaker_folders(root: Path) -> tuple[list[Row], list[Excluded]]:
     rejected = [
         Excluded(Reason.BAD_ROW, path.name, "audio beside the speaker folders belongs to no speaker",
                  path=path)
-        for path in sorted(root.iterdir())
-        if path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES
+        for path in _loose_audio(root)
     ]
     return rows, rejected
 

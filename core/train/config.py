@@ -165,9 +165,33 @@ class RunConfig(_Section):
         1, ge=0, description="DataLoader worker processes; one keeps crop decoding and fbank off the training threads."
     )
     output_dir: Path = Field(Path("runs/spkft"), description="Run directory (config, metrics, checkpoints, report).")
+    average_last: int = Field(
+        0, ge=0, description="At the end, average the weights of the last N epochs into average.ckpt; 0 = off."
+    )
+    average_best: int = Field(
+        0, ge=0, description="At the end, average the weights of the N epochs with the best validation EER "
+                             "into average.ckpt; 0 = off."
+    )
+
+    @field_validator("average_last", "average_best")
+    @classmethod
+    def _several_epochs(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("must be 0 (off) or at least 2: the average of 1 epoch is that epoch, "
+                             "already kept as best.ckpt or last.ckpt")
+        return value
+
+    @model_validator(mode="after")
+    def _one_average(self) -> RunConfig:
+        if self.average_last and self.average_best:
+            raise ValueError("average_last and average_best cannot both be set: choose which epochs to average")
+        return self
 
 
 class TrainConfig(_Section):
+    recipe: Optional[Literal["auto", "linear-probe", "partial", "full"]] = Field(
+        None, description="A fine-tuning recipe filling in every knob left unset; auto picks one from the training data."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

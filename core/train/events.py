@@ -24,6 +24,7 @@ class RunStarted:
     precision: str
     world_size: int
     parameters: list[str] = field(default_factory=list)  # the trainable/frozen table, one line per stage
+    recipe: str | None = None  # the recipe applied and why, in one line
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ class RunFinished:
     best_eer: float
     best_checkpoint: str | None
     report: dict[str, Any] | None = None  # final evaluation of the best model, when it ran
+    # Checkpoint averaging (run.average_last / run.average_best), when the run asked for it:
+    average: str | None = None  # which epochs were averaged, e.g. "last 3" or "best 3"
+    average_epochs: tuple[int, ...] = ()
+    average_checkpoint: str | None = None
+    average_eer: float | None = None  # validation EER of the averaged weights
+    average_skipped: str | None = None  # why no average was made although one was asked for
 
 
 Event = Union[RunStarted, Validated, PhaseStarted, StepEnded, EpochEnded, RunFinished]

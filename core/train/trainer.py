@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from spkft.core.checkpoint import embedding_checkpoint, load_model, read_checkpoint
+from spkft.core.average import average_checkpoints
+from spkft.core.checkpoint import embedding_checkpoint, load_model, model_from_checkpoint, read_checkpoint
 from spkft.core.data import ScanReport, Split, make_trials, read_trials, segment, split_sources
 from spkft.core.embedding import Embedder
 from spkft.core.errors import SpkftError
@@ -44,7 +45,9 @@ from spkft.core.train.events import (
 )
 from spkft.core.train.freeze import apply_freezing, hold_frozen_batchnorm, summarise
 from spkft.core.train.head import AAMSoftmaxHead
+from spkft.core.train.recipes import resolve_recipe
 from spkft.core.train.runtime import Distributed, autocast, lr_factor, pick_device, pick_precision
+from spkft.core.train.snapshots import EpochSnapshots
 
 ALL_ENCODER = ("stem", "layer1", "layer2", "layer3", "layer4", "layer3_ds", "fuse34", "seg_1")
 
@@ -83,11 +86,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, sink: EventSink | None = None,
                  stop: threading.Event | None = None, resume: bool = False) -> None:
         check_paths(config)
+        config, self.recipe = resolve_recipe(config)
         self.config = config
         self.sink = sink if sink is not None else ignore
         self.stop = stop if stop is not None else threading.Event()
         self.resume = resume
         self.run_dir = Path(config.run.output_dir)
+        self.snapshots = EpochSnapshots.from_config(self.run_dir, config.run)  # None unless averaging
         self.dist = Distributed.from_environment()
         last = self.run_dir / "last.ckpt"
         if resume and not last.is_file():
@@ -201,6 +206,7 @@ class Trainer:
                 train_speakers=len(self.speakers), num_classes=self.dataset.num_classes,
                 val_trials=len(self.val_trials), device=str(self.device), precision=self.precision,
                 world_size=self.dist.world_size, parameters=summarise(self.model, self.frozen).lines(),
+                recipe=self.recipe.line() if self.recipe is not None else None,
             ))
         if self.start_epoch == 0:
             self._record_initial()
@@ -220,7 +226,7 @@ class Trainer:
                 self.best_eer, self.best_epoch, self.stale_epochs = eer, epoch + 1, 0
             else:
                 self.stale_epochs += 1
-            self._save(epoch + 1, is_best)
+            self._save(epoch + 1, is_best, eer)
             record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_eer": eer,
                       "val_min_dcf": min_dcf, "lr": self.optimizer.param_groups[-1]["lr"],
                       "margin": self.head.margin, "seconds": time.monotonic() - epoch_start}
@@ -234,9 +240,10 @@ class Trainer:
                 reason = "early_stopped"
                 break
         report = self._final_report() if reason != "cancelled" and self.dist.is_main else None
+        average = self._average() if reason != "cancelled" and self.dist.is_main else {}
         best = self.run_dir / "best.ckpt"
         finished = RunFinished(reason, str(self.run_dir), self.initial_eer, self.best_epoch, self.best_eer,
-                               str(best) if best.exists() else None, report)
+                               str(best) if best.exists() else None, report, **average)
         if self.dist.is_main:
             self.sink(finished)
         return finished
@@ -366,6 +373,29 @@ class Trainer:
                      evaluation.trials)
         return evaluation.metrics.to_dict()
 
+    def _average(self) -> dict[str, Any]:
+        """Average the chosen epochs' snapshots into average.ckpt and validate it; the RunFinished fields."""
+        snapshots = self.snapshots
+        if snapshots is None:
+            return {}
+        epochs = [s.epoch for s in snapshots.kept]
+        if len(epochs) < 2:
+            return {"average": snapshots.description,
+                    "average_skipped": f"only {len(epochs)} epoch(s) to average, and an average needs at least 2"}
+        checkpoint = average_checkpoints([snapshots.path(e) for e in epochs])
+        model = model_from_checkpoint(checkpoint, "the averaged weights", device=self.device).model
+        metrics = evaluate(Embedder(model, self.device), self.val_recordings, self.val_trials).metrics
+        checkpoint |= {"evaluation": metrics.to_dict() | {"data": "validation"}, "speakers": self.speakers,
+                       "config": self.config.model_dump(mode="json")}
+        path = self.run_dir / "average.ckpt"
+        _save_atomically(checkpoint, path)
+        record = {"average": snapshots.description, "epochs": epochs, "val_eer": metrics.eer,
+                  "val_min_dcf": metrics.min_dcf}
+        with (self.run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return {"average": snapshots.description, "average_epochs": tuple(epochs), "average_checkpoint": str(path),
+                "average_eer": metrics.eer}
+
     # --------------------------------------------------------------------------- checkpoints
     def _state(self, epoch: int, with_optimiser: bool) -> dict[str, Any]:
         state = {
@@ -383,16 +413,28 @@ class Trainer:
         if with_optimiser:
             state |= {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                       "rng": {"torch": torch.get_rng_state()}}
+            if self.snapshots is not None:
+                state["snapshots"] = self.snapshots.state()
         return state
 
-    def _save(self, epoch: int, is_best: bool) -> None:
+    def _save(self, epoch: int, is_best: bool, eer: float) -> None:
         if not self.dist.is_main:
             self.dist.barrier()
             return
         model = copy.deepcopy(self.model).float().to(memory_format=torch.contiguous_format)
+        dropped = []
+        if self.snapshots is not None:
+            # The snapshot exists before last.ckpt records it; files it displaces go only after.
+            keep, dropped = self.snapshots.offer(epoch, eer)
+            if keep:
+                self.snapshots.directory.mkdir(parents=True, exist_ok=True)
+                _save_atomically(embedding_checkpoint(model, self.variant, epoch=epoch, evaluation=self.evaluation),
+                                 self.snapshots.path(epoch))
         _save_atomically(embedding_checkpoint(model, self.variant, **self._state(epoch, True)), self.run_dir / "last.ckpt")
         if is_best:
             _save_atomically(embedding_checkpoint(model, self.variant, **self._state(epoch, False)), self.run_dir / "best.ckpt")
+        for path in dropped:
+            path.unlink(missing_ok=True)
         self.dist.barrier()
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
@@ -413,8 +455,14 @@ class Trainer:
         metrics = self.run_dir / "metrics.jsonl"
         if self.dist.is_main and metrics.exists():
             # Epochs after the checkpoint were lost with the process; they will be logged again.
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["epoch"] <= self.start_epoch]
+            # The average's line (no "epoch") goes too: it is made again at the new end of the run.
+            kept = [line for line in metrics.read_text().splitlines()
+                    if json.loads(line).get("epoch", math.inf) <= self.start_epoch]
             metrics.write_text("".join(line + "\n" for line in kept))
+        if self.dist.is_main:
+            (self.run_dir / "average.ckpt").unlink(missing_ok=True)
+        if self.snapshots is not None:
+            self.snapshots.restore(checkpoint.get("snapshots", []), delete_others=self.dist.is_main)
 
     def cleanup(self) -> None:
         self.dist.close()

@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from spkft.core import __version__
 from spkft.core.errors import SpkftError
-from spkft.tui.cli import client, data, evaluate, export, inference, serve, train
+from spkft.tui.cli import adapt, client, data, evaluate, export, inference, serve, train
 
 
 @dataclass
@@ -75,6 +75,7 @@ def _root(
 data.register(app)
 inference.register(app)
 evaluate.register(app)
+adapt.register(app)
 export.register(app)
 train.register(app)
 serve.register(app)

@@ -28,7 +28,7 @@ from spkft.tui.cli.inference import CheckpointOption, DeviceOption, VariantOptio
 _GENERIC_LIST_NAMES = frozenset({"manifest.csv", "wav.scp", "utt2spk", "segments"})
 
 
-class _Feedback:
+class Feedback:
     """What the command says on stderr while it works: plain notes, and progress bars unless --json.
 
     Bars are drawn on an interactive terminal only: redirected to a file, they would be noise.
@@ -43,7 +43,7 @@ class _Feedback:
                 console=self._console, transient=True,
             )
 
-    def __enter__(self) -> _Feedback:
+    def __enter__(self) -> Feedback:
         if self._bar is not None:
             self._bar.start()
         return self
@@ -65,7 +65,7 @@ class _Feedback:
         return lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def _scan(source: Path, what: str, feedback: _Feedback) -> ScanReport:
+def _scan(source: Path, what: str, feedback: Feedback) -> ScanReport:
     """Scan a data source; excluded rows are one note, no usable recording at all is an error."""
     report = scan(source, progress=feedback.track(f"scanning {what}"))
     if not report.excluded:
@@ -107,6 +107,11 @@ def _default_report_dir(checkpoint: Path, data: Path) -> Path:
     else:
         name = source.stem
     return Path(os.path.abspath(checkpoint)).parent / f"eval-{name}"
+
+
+def _adapted(embedder: Embedder) -> str:
+    """`` (with its wccn adaptation)`` when the checkpoint carries one, else nothing."""
+    return "" if embedder.adaptation is None else f" (with its {embedder.adaptation.method} adaptation)"
 
 
 def _check_p_target(value: float) -> float:
@@ -166,7 +171,8 @@ def eval_command(
     baseline: Annotated[
         Optional[Path],
         typer.Option("--baseline", help="A checkpoint to compare with on the same trials (usually the "
-                                        "pretrained model); its variant is read off the file."),
+                                        "pretrained model); its variant is read off the file. Each checkpoint "
+                                        "is measured with the adaptation it carries, if any."),
     ] = None,
     cohort: Annotated[
         Optional[Path],
@@ -208,7 +214,7 @@ def eval_command(
     With --baseline, the baseline checkpoint is measured on the same trials and a before/after
     comparison is printed and written to the report.
     """
-    with _Feedback(show_progress=not as_json) as feedback:
+    with Feedback(show_progress=not as_json) as feedback:
         report = _scan(data, "data", feedback)
         recordings, trials = _trials(report, trials_file, segment_seconds, max_trials, seed)
         cohort_recordings = None
@@ -249,7 +255,7 @@ def eval_command(
     scoring = "cosine scores"
     if cohort_recordings is not None:
         scoring = f"AS-norm scores (top {min(top_k, cohort_speakers)} of {cohort_speakers} cohort speakers)"
-    console.print(_metrics_table(metrics, Text(f"{checkpoint} on {data}, {scoring}")))
+    console.print(_metrics_table(metrics, Text(f"{checkpoint}{_adapted(candidate_model)} on {data}, {scoring}")))
     if reference is not None:
         console.print(_comparison_table(record["comparison"]))
     console.print(f"report written to {files.directory}", markup=False, soft_wrap=True)

@@ -18,7 +18,7 @@ from spkft.core.export import (
     export_3dspeaker,
     export_onnx,
 )
-from spkft.tui.cli.inference import CheckpointOption, VariantOption, check_variant
+from spkft.tui.cli.inference import VariantOption, check_variant
 
 
 class ExportFormat(str, Enum):
@@ -57,7 +57,12 @@ def _summary(result: ExportResult) -> list[str]:
 
 
 def export_command(
-    checkpoint: CheckpointOption,
+    checkpoints: Annotated[
+        list[Path],
+        typer.Option("--checkpoint", "-c", envvar="SPKFT_CHECKPOINT", show_default=False,
+                     help="Model weights: a released 3D-Speaker .ckpt or an spkft checkpoint. Repeat it to export "
+                          "the average of several checkpoints of one network (e.g. a run's epochs/ snapshots)."),
+    ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="File to write (model.onnx, or a .ckpt with --format 3dspeaker).",
                            show_default=False),
@@ -65,8 +70,10 @@ def export_command(
     export_format: Annotated[
         ExportFormat,
         typer.Option("--format", help="onnx: an ONNX model with metadata, for onnxruntime, sherpa-onnx and spkft "
-                                      "serve. 3dspeaker: the plain embedding-model state_dict of upstream's "
-                                      "pretrained_*.ckpt, for 3D-Speaker's own tools."),
+                                      "serve (with the checkpoint's adaptation, if any, in the graph). 3dspeaker: "
+                                      "the plain embedding-model state_dict of upstream's pretrained_*.ckpt, for "
+                                      "3D-Speaker's own tools (the network alone: an adaptation is left out, with "
+                                      "a warning)."),
     ] = ExportFormat.onnx,
     opset: Annotated[
         Optional[int], typer.Option("--opset", min=MIN_OPSET, max=MAX_OPSET,
@@ -100,13 +107,21 @@ def export_command(
     onnx_options = {"opset": opset, "quantize": quantize and quantize.value, "language": language,
                     "threshold": threshold}
     given = {name: value for name, value in onnx_options.items() if value is not None}
+    if export_format is ExportFormat.threedspeaker and given:
+        shown = ", ".join(f"--{name}" for name in given)
+        raise typer.BadParameter(f"{shown} only apply to --format onnx", param_hint="--format")
+    checkpoint = checkpoints[0] if len(checkpoints) == 1 else checkpoints
+    if len(checkpoints) > 1:
+        note = (" (averaged weights carry no validation result: no threshold is stored unless --threshold "
+                   "is given)" if export_format is ExportFormat.onnx and threshold is None else "")
+        typer.echo(f"exporting the average of {len(checkpoints)} checkpoints: "
+                   f"{', '.join(map(str, checkpoints))}{note}", err=as_json)
     if export_format is ExportFormat.threedspeaker:
-        if given:
-            shown = ", ".join(f"--{name}" for name in given)
-            raise typer.BadParameter(f"{shown} only apply to --format onnx", param_hint="--format")
         result = export_3dspeaker(checkpoint, output, variant=variant)
     else:
         result = export_onnx(checkpoint, output, variant=variant, **given)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
     else:

@@ -25,6 +25,7 @@ from spkft.core.train import (
     load_config,
 )
 from spkft.core.train.config import FREEZE_PRESETS
+from spkft.core.train.recipes import resolve_recipe
 
 # What may change when a run is resumed: how long it goes on and where it runs, not what it learns.
 RESUMABLE_CHANGES = {"run.epochs", "run.patience", "run.device", "run.num_workers"}
@@ -76,6 +77,8 @@ class ProgressView:
                 f"({event.num_classes} classes), validating on {event.val_trials} trials; "
                 f"{event.device}, {event.precision}, {event.world_size} process(es); run dir {event.run_dir}"
             )
+            if event.recipe:
+                self.console.print(event.recipe)
             for line in event.parameters:
                 self.console.print("  " + line)
             total = event.epochs * event.steps_per_epoch
@@ -111,6 +114,13 @@ class ProgressView:
                                    "learning rate, more freezing (--freeze early|encoder) or more data")
             if event.best_checkpoint:
                 self.console.print(f"best checkpoint: {event.best_checkpoint}")
+            if event.average_checkpoint:
+                self.console.print(
+                    f"average of epochs {', '.join(map(str, event.average_epochs))} ({event.average}): val EER "
+                    f"{event.average_eer:.2%} against {event.best_eer:.2%} for the best epoch ({event.best_epoch}); "
+                    f"{event.average_checkpoint}")
+            elif event.average_skipped:
+                self.console.print(f"no average ({event.average}): {event.average_skipped}")
             if event.report:
                 self.console.print(f"report: {Path(event.run_dir) / 'report'}")
 
@@ -121,6 +131,8 @@ def train(
     val_source: Annotated[Optional[Path], typer.Option("--val", help="Validation source (default: held-out speakers).")] = None,
     trials: Annotated[Optional[Path], typer.Option("--trials", help="Validation trial list.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Pretrained checkpoint to fine-tune.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(
+        "--recipe", help="auto, linear-probe, partial or full: fills in every knob not set otherwise.")] = None,
     variant: Annotated[Optional[str], typer.Option("--variant", help="Model variant.")] = None,
     model_arg: Annotated[list[str], typer.Option("--model-arg", help="Model constructor override KEY=VALUE (repeatable).")] = [],  # noqa: B006
     freeze: Annotated[Optional[str], typer.Option("--freeze", help="none, early, encoder, or stages like stem,layer1.")] = None,
@@ -136,7 +148,7 @@ def train(
 ) -> None:
     """Fine-tune ERes2NetV2 on labelled recordings, validating EER every epoch."""
     overrides = {
-        "data.train": train_source, "data.val": val_source, "data.trials": trials, "model.init": init,
+        "recipe": recipe, "data.train": train_source, "data.val": val_source, "data.trials": trials, "model.init": init,
         "model.variant": variant, "model.args": _model_args(model_arg) or None, "freeze.stages": _freeze(freeze),
         "run.epochs": epochs, "run.batch_size": batch_size, "optim.lr": lr, "augment.crop_seconds": crop_seconds,
         "run.output_dir": output_dir, "run.device": device, "run.seed": seed,
@@ -145,7 +157,10 @@ def train(
         resolved = _resume_config(config, output_dir, overrides)
     else:
         resolved = load_config(config, overrides)
+    resolved, choice = resolve_recipe(resolved)
     if print_config:
+        if choice is not None:
+            typer.echo(f"# {choice.line()}")
         typer.echo(resolved.to_yaml(), nl=False)
         return
     stop = threading.Event()
@@ -173,14 +188,14 @@ def train(
 def _resume_config(config: Optional[Path], output_dir: Optional[Path], overrides: dict[str, Any]):
     if config is None and output_dir is None:
         raise typer.BadParameter("--resume needs the run's --output-dir (or its --config)", param_hint="--resume")
-    first = load_config(config, overrides) if config is not None else None
+    first = resolve_recipe(load_config(config, overrides))[0] if config is not None else None
     run_dir = output_dir or first.run.output_dir
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError([f"run.output_dir: {saved_path} does not exist; nothing to resume"])
     saved = load_config(saved_path)
-    resolved = load_config(saved_path, {k: v for k, v in overrides.items() if v is not None} | (
-        _flatten(first.model_dump(mode="json")) if first is not None else {}))
+    resolved, _ = resolve_recipe(load_config(saved_path, {k: v for k, v in overrides.items() if v is not None} | (
+        _flatten(first.model_dump(mode="json")) if first is not None else {})))
     before, after = _flatten(saved.model_dump(mode="json")), _flatten(resolved.model_dump(mode="json"))
     changed = sorted(k for k in before if before[k] != after[k] and k not in RESUMABLE_CHANGES)
     if changed:

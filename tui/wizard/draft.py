@@ -20,8 +20,16 @@ from spkft.core.export import ExportResult
 from spkft.core.model import ERes2NetV2
 from spkft.core.report import Baseline
 from spkft.core.train import EpochEnded, Event, PhaseStarted, RunFinished, RunStarted, StepEnded, TrainConfig, Validated
+from spkft.core.train.config import ConfigError
 from spkft.core.train.memory import BatchSuggestion
+from spkft.core.train.recipes import RECIPES, RecipeChoice, describe, pick_recipe, recipe_values, training_data
 from spkft.serve.server import SpeakerServer
+
+AUTO = "auto"
+CUSTOM = "custom"  # step 3's choice of no recipe: the user's own values
+# Every knob some recipe sets: changing one by hand leaves the recipe for custom.
+RECIPE_KEYS = frozenset(recipe_values("full", pretrained=False)).union(
+    *(recipe_values(name, pretrained=True) for name in RECIPES))
 
 
 def problem_of(error: ValidationError) -> str:
@@ -116,6 +124,8 @@ class Draft:
     scan: ScanReport | None = None
     scanned: str | None = None  # the source text the scan was made of
     fresh_model: bool = False  # step 2 builds a fresh network rather than loading model.init
+    recipe: str | None = None  # step 3's choice: auto, a recipe or custom; None until step 3 makes it
+    picked: RecipeChoice | None = None  # auto's pick and why, while the choice is auto
     model: ModelInfo | None = None
     batch: BatchSuggestion | None = None
     suggested: bool = False  # step 4's defaults for this data and model were filled in
@@ -163,6 +173,102 @@ class Draft:
     def is_explicit(self, key: str) -> bool:
         """Whether ``key`` was given by a loaded config or the user, rather than left at its default."""
         return key.split(".", 1)[1] in self.section(key).model_fields_set
+
+    def edit(self, key: str, value: Any) -> bool:
+        """Set ``key`` to a value the user chose; whether that changed it.
+
+        Changing a knob that the recipe in force set makes the choice custom; every value stays as it is.
+        """
+        if value == self.get(key):
+            return False
+        self.set(key, value)
+        if key in RECIPE_KEYS and self.config.recipe is not None:
+            self.choose_recipe(CUSTOM)
+        return True
+
+    @property
+    def pretrained(self) -> bool:
+        return self.config.model.init is not None
+
+    def auto_pick(self) -> RecipeChoice:
+        """The recipe auto picks for the scanned recordings less the held-out speakers, and why."""
+        return pick_recipe(training_data(self.config, self.scan), self.pretrained)
+
+    def recipe_refused(self, choice: str) -> bool:
+        """Whether ``choice`` cannot be used with this model (a pretrained-only recipe on a fresh network)."""
+        if choice in (AUTO, CUSTOM):
+            return False
+        try:
+            recipe_values(choice, self.pretrained)
+        except ConfigError:
+            return True
+        return False
+
+    def choose_recipe(self, choice: str) -> None:
+        """Step 3's choice: a recipe sets every knob it owns; custom leaves them as they are.
+
+        The config names the recipe itself, auto's pick for auto, so that a saved config runs the
+        same even if auto would pick otherwise on other data.
+        """
+        self.recipe = choice
+        self.picked = self.auto_pick() if choice == AUTO else None
+        if choice == CUSTOM:
+            self._name_recipe(None)
+            return
+        name = self.picked.name if self.picked is not None else choice
+        for key, value in recipe_values(name, self.pretrained).items():
+            self.set(key, value)
+        self._name_recipe(name)
+
+    def settle_recipe(self) -> str | None:
+        """Make step 3's choice current for the data and model; says why when it had to change.
+
+        Auto picks again and a recipe sets its knobs again, as steps 1 and 2 may have changed the
+        data or the model since. The first time, the choice comes from the config: see
+        :meth:`_first_recipe`.
+        """
+        if self.recipe is None:
+            self.recipe = self._first_recipe()
+        note = None
+        if self.recipe_refused(self.recipe):
+            note = f"{self.recipe} fine-tunes a pretrained checkpoint and the model is fresh: auto chosen instead."
+            self.recipe = AUTO
+        self.choose_recipe(self.recipe)
+        return note
+
+    def _first_recipe(self) -> str:
+        """The choice a config makes: its recipe, as ``spkft train`` applies it, or custom, or auto.
+
+        Values a config sets win over its recipe's, as in ``spkft train``; where one differs, the
+        choice is custom, holding the recipe's values but for those. A config that sets knobs of
+        its own and names no recipe is custom; one with neither (a new wizard) starts on auto.
+        """
+        named = self.config.recipe
+        if named is None:
+            return CUSTOM if any(self.is_explicit(key) for key in RECIPE_KEYS) else AUTO
+        name = self.auto_pick().name if named == AUTO else named
+        if self.recipe_refused(name):
+            return named
+        values = recipe_values(name, self.pretrained)
+        if all(self.get(key) == value for key, value in values.items() if self.is_explicit(key)):
+            return named
+        for key, value in values.items():
+            if not self.is_explicit(key):
+                self.set(key, value)
+        return CUSTOM
+
+    def _name_recipe(self, name: str | None) -> None:
+        # Assigning to the config itself would check the whole config, which may be half-edited
+        # (head-only epochs typed before epochs); a recipe's name needs no check.
+        self.config = self.config.model_copy(update={"recipe": name})
+
+    def recipe_line(self) -> str:
+        """The recipe in force and why, in one line."""
+        if self.recipe in (None, CUSTOM):
+            return "custom: your own values"
+        if self.picked is not None:
+            return f"auto → {self.picked.name}: {self.picked.reason}"
+        return f"{self.recipe}: {describe(self.recipe, self.pretrained)}"
 
     def split(self) -> Split:
         """How the scanned recordings are held out; raises DataError when the choice cannot work."""

@@ -112,9 +112,7 @@ class InputField(Field):
     def on_input_changed(self, event: Input.Changed) -> None:
         if not self.accept(event):
             return
-        value = self.draft.validated(self.key, self.validator.parse(event.value))
-        if value != self.draft.get(self.key):
-            self.draft.set(self.key, value)
+        if self.draft.edit(self.key, self.draft.validated(self.key, self.validator.parse(event.value))):
             self.post_message(self.Changed(self))
 
     def refresh_value(self) -> None:
@@ -182,6 +180,5 @@ class SelectField(Field):
 
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
-        if event.value != self.draft.get(self.key):
-            self.draft.set(self.key, event.value)
+        if self.draft.edit(self.key, event.value):
             self.post_message(self.Changed(self))

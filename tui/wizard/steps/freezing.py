@@ -1,13 +1,18 @@
-"""Step 3: which stages of the network keep their weights, and the two-phase plan."""
+"""Step 3: a fine-tuning recipe, or which stages of the network keep their weights and the two-phase plan."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from textual.app import ComposeResult
+from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Label, RadioButton, RadioSet, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
 from spkft.core.train.config import FREEZE_PRESETS, STAGES
+from spkft.core.train.recipes import RECIPE_CHOICES
+from spkft.tui.wizard.draft import CUSTOM, Draft
 from spkft.tui.wizard.fields import Field, InputField
 from spkft.tui.wizard.step import StepScreen
 
@@ -23,11 +28,33 @@ ROLES = {
 }
 # Bytes a trainable parameter needs beyond its weight: its gradient and the optimiser's state.
 EXTRA_BYTES = {"sgd": 4 + 4, "adamw": 4 + 8}
-CUSTOM = "custom"
 
 
 def preset_of(frozen: tuple[str, ...]) -> str:
     return next((name for name, stages in FREEZE_PRESETS.items() if set(stages) == set(frozen)), CUSTOM)
+
+
+class Choices(RadioSet):
+    """A radio set whose choice may press a button of another set (the recipe's preset, or custom).
+
+    RadioSet posts its Changed while RadioButton.Changed is prevented, and a handler of it inherits
+    that: a button it presses in another set would go unheard there, leaving two pressed. Picked is
+    posted from the button's own change instead, outside that.
+    """
+
+    class Picked(Message):
+        def __init__(self, choices: Choices, choice: str) -> None:
+            super().__init__()
+            self.choices = choices
+            self.choice = choice  # the button's id less the set's prefix
+
+    def __init__(self, *buttons: RadioButton, prefix: str, **kwargs: Any) -> None:
+        super().__init__(*buttons, **kwargs)
+        self.prefix = prefix
+
+    def on_radio_button_changed(self, event: RadioButton.Changed) -> None:
+        if event.value:
+            self.post_message(self.Picked(self, event.radio_button.id.removeprefix(self.prefix)))
 
 
 def size(count: int) -> str:
@@ -44,29 +71,42 @@ class FreezeStep(StepScreen):
 
     frozen: reactive[tuple[str, ...]] = reactive((), init=False)
 
+    def __init__(self, draft: Draft) -> None:
+        super().__init__(draft)
+        # Before composing: the fields show the knobs of the recipe chosen for this data and model.
+        self.recipe_note = draft.settle_recipe()
+
     def compose_body(self) -> ComposeResult:
-        yield Static("A frozen stage keeps its pretrained weights and BatchNorm statistics. Freezing more "
-                     "protects what the model already knows, trains faster and needs less memory; freezing "
-                     "less adapts more, and needs more data.", classes="intro")
-        yield Static(self.recommendation(), id="advice", markup=False)
-        with RadioSet(id="presets", classes="inline"):
+        draft = self.draft
+        yield Static("A recipe sets what stays frozen and how the rest learns, for your data. A frozen stage "
+                     "keeps its pretrained weights and BatchNorm statistics.", classes="intro")
+        with Choices(prefix="recipe-", id="recipes", classes="inline"):
+            for name in (*RECIPE_CHOICES, CUSTOM):
+                yield RadioButton(name, value=name == draft.recipe, id=f"recipe-{name}",
+                                  disabled=draft.recipe_refused(name))
+        yield Static(id="recipe-line", markup=False)
+        refused = [name for name in RECIPE_CHOICES if draft.recipe_refused(name)]
+        if refused:
+            yield Static(f"{' and '.join(refused)} fine-tune a pretrained checkpoint; step 2 chose a fresh "
+                         "network, which has nothing to keep.", id="recipe-refused", markup=False)
+        yield Label("Frozen stages (space toggles)", classes="section")
+        with Choices(prefix="preset-", id="presets", classes="inline"):
             for name in (*FREEZE_PRESETS, CUSTOM):
                 yield RadioButton(name, id=f"preset-{name}")
-        yield Label("Frozen stages (space toggles)", classes="section")
-        yield SelectionList[str](*self.selections(), id="stages")
+        yield SelectionList[str](*self.stage_options(), id="stages")
         yield Static(id="total", markup=False)
         yield Label("Two-phase plan", classes="section")
-        yield InputField(self.draft, "freeze.head_only_epochs", "Head-only epochs",
+        yield InputField(draft, "freeze.head_only_epochs", "Head-only epochs",
                          "Phase 1: only the new head learns while the encoder waits, so its random start "
                          "cannot pull the pretrained weights off course. 0 = one phase.")
-        yield InputField(self.draft, "freeze.backbone_lr_scale", "Encoder lr scale",
+        yield InputField(draft, "freeze.backbone_lr_scale", "Encoder lr scale",
                          "The unfrozen stages learn at this fraction of the learning rate (1 = the same).")
-        yield InputField(self.draft, "freeze.l2_sp", "L2-SP weight", "Pulls tuned weights toward the pretrained "
+        yield InputField(draft, "freeze.l2_sp", "L2-SP weight", "Pulls tuned weights toward the pretrained "
                          "ones rather than toward zero (small data); 0 = off. Needs a pretrained checkpoint.",
                          id="l2-sp")
         yield Static(id="plan", markup=False)
 
-    def selections(self) -> list[Selection[str]]:
+    def stage_options(self) -> list[Selection[str]]:
         frozen = self.draft.config.freeze.frozen_stages()
         extra = EXTRA_BYTES[self.draft.config.optim.optimizer]
         counts = self.draft.model.stage_parameters
@@ -76,21 +116,43 @@ class FreezeStep(StepScreen):
             for stage in STAGES
         ]
 
-    def recommendation(self) -> str:
-        speakers = self.draft.train_speakers or 0
-        if self.draft.config.model.init is None:
-            return "A fresh model has nothing to protect: freeze nothing (preset none)."
-        if speakers < 50:
-            return (f"{speakers} training speakers is little: freeze the encoder (preset encoder) so only the "
-                    "embedding layer and the new head learn.")
-        if speakers < 1000:
-            return f"With {speakers} training speakers, freezing the early stages (preset early) is a safe start."
-        return f"{speakers} training speakers are enough to tune every stage (preset none)."
-
     def on_mount(self) -> None:
-        self.query_one("#l2-sp").disabled = self.draft.config.model.init is None
+        # A fresh model has nothing to pull toward; a weight kept from before stays open to clear.
+        self.query_one("#l2-sp").disabled = not self.draft.pretrained and not self.draft.config.freeze.l2_sp
         self.set_reactive(FreezeStep.frozen, self.draft.config.freeze.frozen_stages())
         self.watch_frozen(self.frozen)
+        self.show_recipe()
+        if self.recipe_note is not None:
+            self.say(self.recipe_note)
+
+    def show_recipe(self) -> None:
+        """The recipe choice as the draft holds it, and what it does or why auto picked it."""
+        button = self.query_one(f"#recipe-{self.draft.recipe}", RadioButton)
+        if not button.value:
+            button.value = True
+        self.query_one("#recipe-line", Static).update(self.draft.recipe_line())
+
+    def choose_recipe(self, choice: str) -> None:
+        self.draft.choose_recipe(choice)
+        stages = self.query_one("#stages", SelectionList)
+        with stages.prevent(SelectionList.SelectedChanged):
+            # Drawn again: what freezing a stage saves depends on the optimiser, which a recipe sets.
+            stages.clear_options()
+            stages.add_options(self.stage_options())
+        self.frozen = self.draft.config.freeze.frozen_stages()
+        for field in self.query(InputField):
+            field.refresh_value()
+        self.show_plan()
+        self.show_recipe()
+
+    def freeze(self, frozen: tuple[str, ...]) -> None:
+        """Freeze ``frozen``, as chosen by hand (a preset or stage by stage)."""
+        if set(frozen) == set(self.frozen):
+            return  # the widgets catching up with the draft, not a choice
+        preset = preset_of(frozen)
+        self.draft.edit("freeze.stages", preset if preset != CUSTOM else list(frozen))
+        self.frozen = frozen
+        self.show_recipe()
 
     def watch_frozen(self, frozen: tuple[str, ...]) -> None:
         preset = preset_of(frozen)
@@ -107,18 +169,21 @@ class FreezeStep(StepScreen):
         self.show_total()
         self.show_plan()
 
-    def on_radio_set_changed(self, event: RadioSet.Changed) -> None:
+    def on_choices_picked(self, event: Choices.Picked) -> None:
         event.stop()
-        preset = event.pressed.id.removeprefix("preset-")
-        if preset != CUSTOM:
-            self.frozen = FREEZE_PRESETS[preset]
+        if event.choices.id == "recipes":
+            if event.choice != self.draft.recipe:
+                self.choose_recipe(event.choice)
+        elif event.choice != CUSTOM:
+            self.freeze(FREEZE_PRESETS[event.choice])
 
     def on_selection_list_selected_changed(self, event: SelectionList.SelectedChanged) -> None:
         event.stop()
-        self.frozen = tuple(stage for stage in STAGES if stage in event.selection_list.selected)
+        self.freeze(tuple(stage for stage in STAGES if stage in event.selection_list.selected))
 
     def on_field_changed(self, event: Field.Changed) -> None:
         self.show_plan()
+        self.show_recipe()
 
     def show_total(self) -> None:
         counts = self.draft.model.stage_parameters

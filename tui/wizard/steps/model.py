@@ -44,6 +44,10 @@ def model_info(init: Path | None, variant: str | None, args: dict[str, Any]) -> 
         model, variant = loaded.model, loaded.variant
         check = (f"✓ {init.name} loaded: all {len(model.state_dict())} tensors match {variant} "
                  "key for key and shape for shape")
+        if loaded.adaptation is not None:
+            # Fine-tuning moves the embeddings the adaptation was fitted on; refit it on the result.
+            check += (f"; its {loaded.adaptation.method} adaptation is left out of fine-tuning "
+                      "(fit a new one on the fine-tuned model with spkft adapt)")
     else:
         model = build_model(variant, **args)
         check = f"✓ a fresh {variant} built with random weights"

@@ -200,6 +200,7 @@ class ReviewStep(StepScreen):
         except ConfigError as error:
             self.say(f"Cannot resume: {error}", problem=True)
             return
+        self.draft.recipe = None  # step 3, if visited again, reads the choice off the run's own config
         self.draft.resume = True
         self.dismiss(Move.NEXT)
 

@@ -1,4 +1,4 @@
-"""Step 4: the hyperparameters, each validated as typed, with defaults for this data and model."""
+"""Step 4: the hyperparameters, each validated as typed; the recipe's values, or defaults for this data and model."""
 
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ class SettingsStep(StepScreen):
 
     def __init__(self, draft: Draft) -> None:
         super().__init__(draft)
+        if draft.recipe is None:  # opened without step 3 before it
+            draft.settle_recipe()
+        # A recipe's values are set by now, so these fill in only what no recipe set (and the user did not).
         if not draft.suggested:
             for key, value in suggestions(draft).items():
                 if not draft.is_explicit(key):
@@ -64,6 +67,7 @@ class SettingsStep(StepScreen):
         lr_hint = (f"Fine-tuning: 1/10–1/100 of the original {UPSTREAM_LR:g}, so {UPSTREAM_LR / 100:g}–"
                    f"{UPSTREAM_LR / 10:g}; too high erases what the checkpoint knows." if pretrained else
                    f"From scratch: 3D-Speaker uses {UPSTREAM_LR:g} with large multi-GPU batches.")
+        yield Static(id="recipe-line", markup=False)
         yield Label("Learning", classes="section")
         yield InputField(draft, "optim.lr", "Learning rate", lr_hint)
         yield SelectField(draft, "optim.optimizer", "Optimiser", [("SGD, Nesterov momentum", "sgd"), ("AdamW", "adamw")],
@@ -86,6 +90,10 @@ class SettingsStep(StepScreen):
         yield InputField(draft, "head.margin", "Margin", "How far apart the head pushes speakers (radians); "
                          "it rises from 0 over the first epochs while the new head settles.")
         yield InputField(draft, "head.scale", "Scale")
+        yield InputField(draft, "head.stats_dropout", "Dropout", "Drops pooled statistics at random while "
+                         "training, so a few speakers are not learnt by heart; 0 = off.")
+        yield InputField(draft, "head.label_smoothing", "Label smoothing", "Moves a little of each target onto "
+                         "the other speakers, so the head is never certain on few recordings; 0 = off.")
         yield Label("Crops and augmentation", classes="section")
         yield InputField(draft, "augment.crop_seconds", "Crop length (s)", f"Each step trains on random crops "
                          f"this long; your recordings last {median:.1f} s at the median.", id="crop")
@@ -102,10 +110,20 @@ class SettingsStep(StepScreen):
         yield SelectField(draft, "run.precision", "Precision", [(p, p) for p in PRECISIONS])
 
     def on_mount(self) -> None:
+        self.show_recipe()
         if self.draft.batch is None:
             self.measure()
         else:
             self.show_batch(self.draft.batch)
+
+    def show_recipe(self) -> None:
+        text = f"Recipe {self.draft.recipe_line()}"
+        if self.draft.config.recipe is not None:
+            text += ". Its values are below; changing one makes the choice custom."
+        self.query_one("#recipe-line", Static).update(text)
+
+    def on_field_changed(self, event: Field.Changed) -> None:
+        self.show_recipe()
 
     def measure(self) -> None:
         self.query_one("#batch-advice", Static).update("Measuring the memory one crop takes…")

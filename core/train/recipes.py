@@ -1,0 +1,223 @@
+"""Fine-tuning recipes: named presets of the config's own knobs, and ``auto``, which picks one from the data.
+
+A recipe is data, not a code path: it fills in the knobs a config leaves unset (which stages
+freeze, the head-only phase, the encoder's learning-rate scale, the learning rate, epochs, the
+margin schedule, L2-SP, dropout and label smoothing). Anything the user sets explicitly wins.
+
+- ``linear-probe``: only the embedding layer (``seg_1``) and the new head learn. For a handful of
+  speakers: too few to retrain convolutions without memorising them.
+- ``partial``: the early stages (stem, layer1, layer2) stay as pretrained, the rest adapts at a
+  tenth of the head's learning rate after one head-only epoch. For tens to a few hundred speakers.
+- ``full``: every stage adapts (at a tenth of the head's rate after a head-only epoch), for
+  hundreds of speakers and more; from a fresh network it is plain training from scratch.
+
+Every pretrained recipe holds the encoder near its starting point with L2-SP (Li et al., 2018), so
+what it knew of other domains is not forgotten. The numbers were set from
+``benchmarks/domain_adaptation.py``, which measures each recipe on a new domain and on the
+pretraining domain; README gives its figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from spkft.core.data import ScanReport, scan, split_speakers
+from spkft.core.records import Recording
+from spkft.core.train.config import ConfigError, TrainConfig
+
+RECIPES = ("linear-probe", "partial", "full")
+RECIPE_CHOICES = ("auto", *RECIPES)
+
+# Fine-tuning a pretrained network: shared by every pretrained recipe unless a recipe says otherwise.
+_PRETRAINED_COMMON: dict[str, Any] = {
+    "freeze.head_only_epochs": 1,
+    "head.margin": 0.2,
+    "head.margin_schedule": "linear",
+    "head.margin_warmup_epochs": 2,
+    "optim.optimizer": "sgd",
+    "optim.momentum": 0.9,
+    "optim.weight_decay": 0.0,  # L2-SP pulls toward the pretrained weights instead of toward zero
+    "optim.warmup_epochs": 0.5,
+    "optim.schedule": "cosine",
+    "run.patience": 3,
+}
+
+_PRETRAINED: dict[str, dict[str, Any]] = {
+    "linear-probe": _PRETRAINED_COMMON | {
+        "freeze.stages": "encoder",
+        "freeze.backbone_lr_scale": 1.0,
+        "freeze.l2_sp": 0.01,
+        "head.stats_dropout": 0.3,
+        "head.label_smoothing": 0.1,
+        "optim.lr": 0.01,
+        "run.epochs": 10,
+    },
+    "partial": _PRETRAINED_COMMON | {
+        "freeze.stages": "early",
+        "freeze.backbone_lr_scale": 0.1,
+        "freeze.l2_sp": 0.01,
+        "head.stats_dropout": 0.1,
+        "head.label_smoothing": 0.1,
+        "optim.lr": 0.01,
+        "run.epochs": 10,
+    },
+    "full": _PRETRAINED_COMMON | {
+        "freeze.stages": "none",
+        "freeze.backbone_lr_scale": 0.1,
+        "freeze.l2_sp": 0.001,
+        "head.stats_dropout": 0.0,
+        "head.label_smoothing": 0.0,
+        "optim.lr": 0.01,
+        "optim.weight_decay": 1.0e-4,
+        "run.epochs": 8,
+    },
+}
+
+# ``full`` from a fresh network: training from scratch, as README's LibriSpeech run does.
+_FROM_SCRATCH: dict[str, Any] = {
+    "freeze.stages": "none",
+    "freeze.head_only_epochs": 0,
+    "freeze.backbone_lr_scale": 1.0,
+    "freeze.l2_sp": 0.0,
+    "head.margin": 0.2,
+    "head.margin_schedule": "linear",
+    "head.margin_warmup_epochs": 4,
+    "head.stats_dropout": 0.0,
+    "head.label_smoothing": 0.0,
+    "optim.optimizer": "adamw",
+    "optim.lr": 0.002,
+    "optim.weight_decay": 1.0e-4,
+    "optim.warmup_epochs": 0.5,
+    "optim.schedule": "cosine",
+    "run.epochs": 16,
+    "run.patience": None,
+}
+
+# Where ``auto`` moves from one recipe to the next: training speakers, then hours of audio.
+PARTIAL_MIN_SPEAKERS = 20
+PARTIAL_MIN_HOURS = 0.5
+FULL_MIN_SPEAKERS = 500
+FULL_MIN_HOURS = 50.0
+
+
+def recipe_values(name: str, pretrained: bool) -> dict[str, Any]:
+    """The knobs (dotted config keys) that recipe ``name`` sets, for a pretrained or a fresh network."""
+    if name not in RECIPES:
+        raise ConfigError([f"recipe: unknown recipe {name!r}; choose one of: {', '.join(RECIPE_CHOICES)}"])
+    if pretrained:
+        return dict(_PRETRAINED[name])
+    if name != "full":
+        raise ConfigError([f"recipe: {name} fine-tunes a pretrained network: set model.init, or use recipe full"])
+    return dict(_FROM_SCRATCH)
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What ``auto`` looks at: the training data's size, as a scan found it."""
+
+    speakers: int
+    recordings: int
+    hours: float
+
+    @classmethod
+    def of(cls, recordings: Sequence[Recording]) -> DataSummary:
+        seconds = sum(r.duration_seconds or 0.0 for r in recordings)
+        return cls(len({r.speaker for r in recordings}), len(recordings), seconds / 3600.0)
+
+    @property
+    def recordings_per_speaker(self) -> float:
+        return self.recordings / max(1, self.speakers)
+
+    def describe(self) -> str:
+        minutes = self.hours * 60
+        amount = f"{self.hours:.1f} h" if minutes >= 90 else f"{minutes:.0f} min"
+        return f"{self.speakers} speakers, {amount}"
+
+
+@dataclass(frozen=True)
+class RecipeChoice:
+    """A recipe and, in one line, why it was chosen."""
+
+    name: str
+    reason: str
+    auto: bool  # picked by ``auto`` rather than named by the user
+
+    def line(self) -> str:
+        return f"recipe {self.name}" + (f" (auto): {self.reason}" if self.auto else f": {self.reason}")
+
+
+def pick_recipe(data: DataSummary, pretrained: bool) -> RecipeChoice:
+    """``auto``: the recipe for this much training data, and the one-line reason."""
+    size = data.describe()
+    if not pretrained:
+        return RecipeChoice("full", f"{size}, no pretrained model: every stage trains from scratch", True)
+    if data.speakers < PARTIAL_MIN_SPEAKERS or data.hours < PARTIAL_MIN_HOURS:
+        return RecipeChoice("linear-probe", f"{size}: too little to retrain convolutions without memorising "
+                            f"these speakers; only the embedding layer adapts", True)
+    if data.speakers < FULL_MIN_SPEAKERS or data.hours < FULL_MIN_HOURS:
+        return RecipeChoice("partial", f"{size}: enough to adapt the later stages; the early ones stay as "
+                            "pretrained", True)
+    return RecipeChoice("full", f"{size}: enough to adapt every stage", True)
+
+
+def describe(name: str, pretrained: bool) -> str:
+    """One line on what recipe ``name`` does."""
+    values = recipe_values(name, pretrained)
+    frozen = values["freeze.stages"]
+    what = {"encoder": "only the embedding layer (seg_1) and the head learn",
+            "early": "stem, layer1 and layer2 stay as pretrained; the later stages adapt",
+            "none": "every stage adapts" if pretrained else "every stage trains from scratch"}[frozen]
+    extras = []
+    if values["freeze.head_only_epochs"]:
+        extras.append(f"{values['freeze.head_only_epochs']} head-only epoch")
+    if values["freeze.backbone_lr_scale"] < 1 and frozen != "encoder":
+        extras.append(f"encoder at {values['freeze.backbone_lr_scale']:g}x lr")
+    if values["freeze.l2_sp"]:
+        extras.append(f"L2-SP {values['freeze.l2_sp']:g}")
+    extras.append(f"{values['optim.optimizer']} lr {values['optim.lr']:g}, {values['run.epochs']} epochs")
+    return f"{what}; " + ", ".join(extras)
+
+
+def training_data(config: TrainConfig, report: ScanReport) -> DataSummary:
+    """The recordings a run of ``config`` will train on: the scanned source less its held-out speakers."""
+    data = config.data
+    split = split_speakers(report.recordings, val=0 if data.val is not None else data.val_speakers,
+                           test=0 if data.test is not None else data.test_speakers, seed=config.run.seed)
+    return DataSummary.of(split.train)
+
+
+def apply_recipe(config: TrainConfig, name: str) -> TrainConfig:
+    """``config`` with recipe ``name``'s knobs filled in wherever the config leaves them unset."""
+    # Section by section: a value assigned in a section (config.optim.lr = ...) leaves the section
+    # itself unset on the config, and a dump of the whole config would drop everything in it.
+    explicit = {name: section.model_dump(mode="json", exclude_unset=True)
+                for name, section in config if isinstance(section, BaseModel)}
+    for dotted, value in recipe_values(name, pretrained=config.model.init is not None).items():
+        section, key = dotted.split(".")
+        explicit.setdefault(section, {}).setdefault(key, value)
+    explicit["recipe"] = name
+    return TrainConfig.model_validate(explicit)
+
+
+def resolve_recipe(config: TrainConfig, report: ScanReport | None = None) -> tuple[TrainConfig, RecipeChoice | None]:
+    """Apply the config's recipe, picking it from the training data first when it is ``auto``.
+
+    ``report`` is the scan of ``data.train``; for ``auto`` it is made here when not given. A config
+    without a recipe comes back unchanged. Applying the same recipe again changes nothing.
+    """
+    if config.recipe is None:
+        return config, None
+    pretrained = config.model.init is not None
+    if config.recipe == "auto":
+        if config.data.train is None:
+            raise ConfigError(["recipe: auto picks from the training data: set data.train"])
+        if report is None:
+            report = scan(config.data.train, min_recordings_per_speaker=config.data.min_recordings_per_speaker)
+        choice = pick_recipe(training_data(config, report), pretrained)
+    else:
+        choice = RecipeChoice(config.recipe, describe(config.recipe, pretrained), False)
+    return apply_recipe(config, choice.name), choice
