@@ -235,7 +235,8 @@ def main() -> int:
     from spkft.core.adaptation import fit_adaptation
     from spkft.core.checkpoint import load_model
     from spkft.core.embedding import Embedder
-    from spkft.core.train.recipes import DataSummary, pick_recipe
+    from spkft.core.train import load_config
+    from spkft.core.train.recipes import resolve_recipe
 
     torch.set_num_threads(args.threads)
 
@@ -282,7 +283,9 @@ def main() -> int:
 
     base_row = measure("(a) base as is", base, 0.0)
 
-    auto = pick_recipe(DataSummary.of(target_train), pretrained=True)
+    # What ``spkft train --recipe auto`` picks for this data: the same scan, less its validation speakers.
+    _, auto = resolve_recipe(load_config(None, {"data.train": str(manifest), "model.init": str(base),
+                                                "recipe": "auto", "run.seed": args.seed}))
     runs: dict[str, Run] = {}
     for name in RECIPE_NAMES:
         log(f"fine-tuning with recipe {name}")

@@ -20,9 +20,10 @@ from tests.data_helpers import write_wav
 
 # What each recipe is documented to do, in the knobs that define it.
 DOCUMENTED = {
-    "linear-probe": {"freeze.stages": "encoder", "freeze.head_only_epochs": 1},
-    "partial": {"freeze.stages": "early", "freeze.head_only_epochs": 1, "freeze.backbone_lr_scale": 0.1},
-    "full": {"freeze.stages": "none", "freeze.head_only_epochs": 1, "freeze.backbone_lr_scale": 0.1},
+    "linear-probe": {"freeze.stages": "encoder", "freeze.head_only_epochs": 1, "head.label_smoothing": 0.1},
+    "partial": {"freeze.stages": "early", "freeze.head_only_epochs": 1, "optim.optimizer": "adamw"},
+    "full": {"freeze.stages": "none", "freeze.head_only_epochs": 1, "optim.optimizer": "adamw",
+             "head.stats_dropout": 0.0},
 }
 
 
@@ -59,7 +60,7 @@ def test_what_the_user_sets_wins_over_the_recipe(pretrained):
                                                                "freeze.stages": ["stem"]}))
     assert config.optim.lr == 0.003
     assert config.freeze.stages == ["stem"]
-    assert config.freeze.backbone_lr_scale == recipe_values("partial", True)["freeze.backbone_lr_scale"]
+    assert config.freeze.l2_sp == recipe_values("partial", True)["freeze.l2_sp"]
 
 
 def test_a_recipe_in_a_yaml_file_is_applied_the_same(tmp_path, tiny_checkpoint):
@@ -99,15 +100,13 @@ def test_an_unknown_recipe_is_one_config_problem():
 
 
 @pytest.mark.parametrize(("speakers", "hours", "pretrained", "expected"), [
-    (6, 0.2, True, "linear-probe"),
-    (19, 5.0, True, "linear-probe"),     # few speakers, however long each
-    (300, 0.3, True, "linear-probe"),    # many speakers, too little audio
-    (20, 0.5, True, "partial"),
-    (120, 8.0, True, "partial"),
-    (499, 400.0, True, "partial"),
-    (500, 50.0, True, "full"),
-    (5000, 2000.0, True, "full"),
-    (6, 0.2, False, "full"),             # nothing pretrained to keep
+    (2, 0.5, True, "linear-probe"),      # small: too few speakers, however long each
+    (3, 20.0, True, "linear-probe"),
+    (300, 0.04, True, "linear-probe"),   # small: many speakers, a couple of minutes in all
+    (4, 0.05, True, "full"),             # medium: the benchmark's size
+    (16, 0.5, True, "full"),
+    (5000, 2000.0, True, "full"),        # large
+    (2, 0.01, False, "full"),            # nothing pretrained to keep
     (5000, 2000.0, False, "full"),
 ])
 def test_auto_picks_by_the_size_of_the_training_data(speakers, hours, pretrained, expected):
@@ -138,7 +137,7 @@ def test_auto_counts_only_the_speakers_left_for_training(tmp_path, tiny_checkpoi
                                 "data.val_speakers": 2})
     resolved, choice = resolve_recipe(config)
     assert choice.name == "linear-probe"
-    assert choice.reason.startswith("4 speakers, 0 min")
+    assert choice.reason.startswith("4 speakers, under 1 min")
     assert resolved.recipe == "linear-probe" and resolved.freeze.stages == "encoder"
 
 

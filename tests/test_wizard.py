@@ -621,7 +621,7 @@ async def test_a_fresh_model_needs_a_sensible_width(scratch):
 
 
 @pytest.mark.parametrize("key, text, problem", [
-    ("freeze.head_only_epochs", "10", "head_only_epochs must be below run.epochs"),
+    ("freeze.head_only_epochs", "99", "head_only_epochs must be below run.epochs"),
     ("augment.noise_dir", "no-noise-here", "augment.noise_dir: no-noise-here does not exist"),
 ])
 async def test_review_lists_what_the_config_cannot_do_and_refuses_to_start(scratch, key, text, problem):
