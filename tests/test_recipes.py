@@ -168,3 +168,12 @@ def test_a_recipe_that_cannot_apply_is_one_line_and_exit_1(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().count("\n") == 0
     assert "recipe: partial fine-tunes a pretrained network" in result.output
+
+
+def test_a_named_recipe_is_described_as_it_will_run(pretrained):
+    _, choice = resolve_recipe(load_config(None, pretrained | {"recipe": "partial", "run.epochs": 5,
+                                                               "freeze.stages": ["stem"]}))
+    assert "5 epochs" in choice.reason and "stages stem frozen" in choice.reason
+    _, plain = resolve_recipe(load_config(None, pretrained | {"recipe": "partial"}))
+    assert f"{recipe_values('partial', True)['run.epochs']} epochs" in plain.reason
+    assert plain.reason.startswith("stem, layer1 and layer2 stay as pretrained")

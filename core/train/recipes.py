@@ -160,11 +160,15 @@ def pick_recipe(data: DataSummary, pretrained: bool) -> RecipeChoice:
 
 def describe(name: str, pretrained: bool) -> str:
     """One line on what recipe ``name`` does."""
-    values = recipe_values(name, pretrained)
-    frozen = values["freeze.stages"]
+    return _describe(recipe_values(name, pretrained), pretrained)
+
+
+def _describe(values: dict[str, Any], pretrained: bool) -> str:
+    frozen = values["freeze.stages"] if isinstance(values["freeze.stages"], str) else "custom"
     what = {"encoder": "only the embedding layer (seg_1) and the head learn",
             "early": "stem, layer1 and layer2 stay as pretrained; the later stages adapt",
-            "none": "every stage adapts" if pretrained else "every stage trains from scratch"}[frozen]
+            "none": "every stage adapts" if pretrained else "every stage trains from scratch",
+            "custom": f"stages {', '.join(values['freeze.stages']) or 'none'} frozen"}[frozen]
     extras = []
     if values["freeze.head_only_epochs"]:
         extras.append(f"{values['freeze.head_only_epochs']} head-only epoch")
@@ -212,6 +216,9 @@ def resolve_recipe(config: TrainConfig, report: ScanReport | None = None) -> tup
         if report is None:
             report = scan(config.data.train, min_recordings_per_speaker=config.data.min_recordings_per_speaker)
         choice = pick_recipe(training_data(config, report), pretrained)
-    else:
-        choice = RecipeChoice(config.recipe, describe(config.recipe, pretrained), False)
-    return apply_recipe(config, choice.name), choice
+        return apply_recipe(config, choice.name), choice
+    resolved = apply_recipe(config, config.recipe)
+    # Described as it will run: values the user set in place of the recipe's are the ones shown.
+    values = {key: getattr(getattr(resolved, key.split(".")[0]), key.split(".")[1])
+              for key in recipe_values(config.recipe, pretrained)}
+    return resolved, RecipeChoice(config.recipe, _describe(values, pretrained), False)
