@@ -132,6 +132,14 @@ def write_manifest(recordings, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- scoring
+def embed_all(embedder, recordings) -> np.ndarray:
+    """The embeddings ``[recordings, dim]`` of ``recordings``, in their order."""
+    from spkft.core.evaluate import embed_recordings
+
+    vectors = embed_recordings(embedder, recordings)
+    return np.stack([vectors[r.utt_id] for r in recordings])
+
+
 class TestSet:
     """Recordings whose every pair is a trial; EER and minDCF, with a bootstrap interval."""
 
@@ -141,12 +149,6 @@ class TestSet:
         self.same = np.equal.outer(speakers, speakers)
         self.upper = np.triu_indices(len(self.recordings), k=1)
 
-    def embed(self, embedder) -> np.ndarray:
-        from spkft.core.evaluate import embed_recordings
-
-        vectors = embed_recordings(embedder, self.recordings)
-        return np.stack([vectors[r.utt_id] for r in self.recordings])
-
     def measure(self, embeddings: np.ndarray, bootstrap: int, seed: int) -> tuple[float, tuple[float, float], float]:
         from spkft.core.metrics import compute_metrics, eer
 
@@ -155,9 +157,9 @@ class TestSet:
         rng = np.random.default_rng(seed)
         resampled = []
         n = len(self.recordings)
+        i, j = self.upper
         for _ in range(bootstrap):
             pick = np.sort(rng.integers(0, n, n))
-            i, j = np.triu_indices(n, k=1)
             keep = pick[i] != pick[j]  # a recording drawn twice is not a trial with itself
             a, b = pick[i][keep], pick[j][keep]
             labels = self.same[a, b]
@@ -259,11 +261,13 @@ def main() -> int:
         f"{len(base_test.recordings)} segments of {SEGMENT_SECONDS:g} s, {len(base_test.upper[0]):,} trials")
 
     rows: list[Row] = []
-    fit_embeddings: dict[str, tuple] = {}
+    test_vectors: dict[Path, tuple[np.ndarray, np.ndarray]] = {}  # by checkpoint: (d) and (e) reuse (a)'s and (b)'s
 
     def measure(label: str, checkpoint: Path, seconds: float, adaptation=None, note: str = "") -> Row:
-        embedder = Embedder(load_model(checkpoint).model)
-        target_vectors, base_vectors = target.embed(embedder), base_test.embed(embedder)
+        if checkpoint not in test_vectors:
+            embedder = Embedder(load_model(checkpoint).model)
+            test_vectors[checkpoint] = embed_all(embedder, target.recordings), embed_all(embedder, base_test.recordings)
+        target_vectors, base_vectors = test_vectors[checkpoint]
         if adaptation is not None:
             target_vectors, base_vectors = adaptation.apply(target_vectors), adaptation.apply(base_vectors)
         eer_value, interval, min_dcf = target.measure(target_vectors, args.bootstrap, args.seed)
@@ -278,7 +282,7 @@ def main() -> int:
         """A backend adaptation fitted, method auto, on the fine-tuning speakers' recordings."""
         started = time.monotonic()
         embedder = Embedder(load_model(checkpoint).model)
-        vectors = TestSet(target_train).embed(embedder)
+        vectors = embed_all(embedder, target_train)
         adaptation, reason = fit_adaptation(vectors, [r.speaker for r in target_train])
         return adaptation, reason, time.monotonic() - started
 

@@ -125,10 +125,6 @@ class DataSummary:
         seconds = sum(r.duration_seconds or 0.0 for r in recordings)
         return cls(len({r.speaker for r in recordings}), len(recordings), seconds / 3600.0)
 
-    @property
-    def recordings_per_speaker(self) -> float:
-        return self.recordings / max(1, self.speakers)
-
     def describe(self) -> str:
         minutes = self.hours * 60
         amount = f"{self.hours:.1f} h" if minutes >= 90 else f"{minutes:.0f} min" if minutes >= 1 else "under 1 min"
