@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from spkft.core.adaptation import AdaptedModel, Adaptation
+from spkft.core.catalogue import CATALOGUE, resolve_checkpoint
 from spkft.core.errors import CheckpointError, first_line
 from spkft.core.model import VARIANTS, ERes2NetV2, ERes2NetV2Config, model_config
 
@@ -58,10 +59,14 @@ class LoadedModel:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file safely; errors say what is wrong with the file."""
-    path = Path(path)
+    """Read a checkpoint file safely; errors say what is wrong with the file.
+
+    ``path`` may also name a released model (:mod:`spkft.core.catalogue`), fetched on first use.
+    """
+    path = resolve_checkpoint(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        names = "" if path.suffix or len(path.parts) > 1 else f" (released models by name: {', '.join(CATALOGUE)})"
+        raise CheckpointError(f"{path}: no such checkpoint file{names}")
     if not zipfile.is_zipfile(path) and not _is_legacy_torch_file(path):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint file")
     try:
@@ -166,6 +171,20 @@ def describe_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor])
             shown = "; ".join(keys[:4]) + (f"; ... ({len(keys)} in all)" if len(keys) > 4 else "")
             parts.append(f"{label}: {shown}")
     return " | ".join(parts) or None
+
+
+def check_layout(path: str | Path, variant: str, args: Mapping[str, Any] | None = None) -> None:
+    """Raise unless the file's weights load strictly into ``variant`` built with ``args``: every key, every shape."""
+    try:
+        state = embedding_state_dict(read_checkpoint(path))
+    except CheckpointError as exc:
+        message = str(exc)
+        raise CheckpointError(message if message.startswith(f"{path}: ") else f"{path}: {message}") from None
+    model = ERes2NetV2(model_config(variant, **dict(args or {})))
+    problem = describe_mismatch(model, state)
+    if problem:
+        raise CheckpointError(f"{path}: not ERes2NetV2 variant {variant!r} as released ({problem})")
+    model.load_state_dict(state, strict=True)
 
 
 def _described_config(checkpoint: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> tuple[str, ERes2NetV2Config]:

@@ -53,3 +53,45 @@ def speech(speech_file) -> tuple[np.ndarray, int]:
     data, rate = sf.read(speech_file, dtype="float32")
     return data, rate
 
+
+
+@pytest.fixture(scope="session")
+def tiny_bytes() -> bytes:
+    """The file served for the tests' catalogue entry (model_server.TINY)."""
+    from model_server import state_bytes
+
+    return state_bytes("eres2netv2_w24s4ep4", m_channels=8)
+
+
+@pytest.fixture
+def server():
+    """A ModelScope stand-in on a loopback port, for this test only."""
+    from model_server import ModelServer, start
+
+    state = ModelServer()
+    httpd, thread = start(state)
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, server, tiny_bytes) -> Path:
+    """An empty model cache, the endpoint pointed at the stand-in, the tiny entry in the catalogue and served.
+
+    The working folder is ``tmp_path``; retries after a cut connection do not wait.
+    """
+    import spkft.core.download as download_module
+    from model_server import PROXY_VARIABLES, TINY
+    from spkft.core.catalogue import CATALOGUE
+
+    for proxy in PROXY_VARIABLES:
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("SPKFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPKFT_MODEL_ENDPOINT", server.url())
+    monkeypatch.setitem(CATALOGUE, TINY.name, TINY)
+    monkeypatch.setattr(download_module, "_sleep", lambda seconds, cancel: None)
+    monkeypatch.chdir(tmp_path)
+    server.files[(TINY.model_id, TINY.revision, TINY.file)] = tiny_bytes
+    return tmp_path / "home"

@@ -16,7 +16,7 @@ from tests.data_helpers import write_wav
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXAMPLES = sorted(CONFIGS.glob("*.yaml"))
-PRETRAINED = Path("pretrained/pretrained_eres2netv2w24s4ep4.ckpt")
+PRETRAINED = Path("eres2netv2_w24s4ep4")  # a released model, by name
 UPSTREAM_LR = 0.2  # 3D-Speaker's learning rate when training ERes2NetV2 from scratch
 SCRATCH_ADAMW_LR = 0.002  # configs/librispeech-small.yaml's, from scratch
 runner = CliRunner()

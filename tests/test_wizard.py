@@ -158,7 +158,10 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
         assert "Training 247 speakers" in str(step(app).query_one("#split", Static).render())
         await next_step(pilot, 2)
 
-        # 2 Model: the tiny checkpoint, its variant read off the file.
+        # 2 Model: the released models come first; a checkpoint file of one's own, its variant read off it.
+        assert step(app).query_one("#released", RadioButton).value
+        step(app).query_one("#pretrained", RadioButton).value = True
+        await pilot.pause()
         await type_into(pilot, "model.init", str(reference_dir / "tiny_w24s4ep4_m8.ckpt"))
         await press(pilot, "#load")
         await settle(pilot)

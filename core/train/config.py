@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from spkft.core.catalogue import released
 from spkft.core.errors import SpkftError
 from spkft.core.model import DEFAULT_VARIANT, VARIANTS, model_config
 
@@ -58,7 +59,9 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    init: Optional[Path] = Field(None, description="Pretrained checkpoint to fine-tune; a fresh model when absent.")
+    init: Optional[Path] = Field(
+        None, description="Pretrained checkpoint to fine-tune: a file, or a released model's name (spkft models list); "
+                          "a fresh model when absent.")
     variant: Optional[str] = Field(
         None, description=f"Model variant ({', '.join(VARIANTS)}); default: the checkpoint's, or {DEFAULT_VARIANT}."
     )
@@ -265,7 +268,7 @@ def check_paths(config: TrainConfig) -> None:
                         ("data.trials", config.data.trials), ("data.test", config.data.test),
                         ("model.init", config.model.init),
                         ("augment.noise_dir", config.augment.noise_dir), ("augment.rir_dir", config.augment.rir_dir)):
-        if value is not None and not Path(value).exists():
+        if value is not None and not Path(value).exists() and not (name == "model.init" and released(value)):
             problems.append(f"{name}: {value} does not exist")
     if problems:
         raise ConfigError(problems)

@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from spkft.core import __version__
 from spkft.core.errors import SpkftError
-from spkft.tui.cli import adapt, client, data, evaluate, export, inference, serve, train
+from spkft.tui.cli import adapt, client, data, evaluate, export, inference, models, serve, train
 
 
 @dataclass
@@ -73,6 +73,7 @@ def _root(
 
 
 data.register(app)
+models.register(app)
 inference.register(app)
 evaluate.register(app)
 adapt.register(app)

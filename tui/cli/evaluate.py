@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from spkft.core.catalogue import released
 from spkft.core.data import ScanReport, make_trials, read_trials, scan, segment
 from spkft.core.embedding import Embedder
 from spkft.core.errors import DataError
@@ -22,6 +23,7 @@ from spkft.core.metrics import VerificationMetrics, compute_metrics
 from spkft.core.records import Recording, Trial
 from spkft.core.report import Baseline, compare_metrics, write_report
 from spkft.tui.cli.inference import CheckpointOption, DeviceOption, VariantOption
+from spkft.tui.cli.models import fetch_released
 
 # List files named for their format rather than their content: the report folder takes the
 # name of the folder that holds them instead.
@@ -98,7 +100,11 @@ def _trials(
 
 
 def _default_report_dir(checkpoint: Path, data: Path) -> Path:
-    """``<checkpoint's folder>/eval-<data>``, named after the data folder or the list file's stem."""
+    """``<checkpoint's folder>/eval-<data>``, named after the data folder or the list file's stem.
+
+    A released model by name lives in the cache, which is no place for reports: its report goes to
+    ``eval-<name>-<data>`` in the working folder.
+    """
     source = Path(os.path.abspath(data))
     if source.is_dir():
         name = source.name
@@ -106,6 +112,9 @@ def _default_report_dir(checkpoint: Path, data: Path) -> Path:
         name = source.parent.name
     else:
         name = source.stem
+    entry = released(checkpoint)
+    if entry is not None:
+        return Path.cwd() / f"eval-{entry.name}-{name}"
     return Path(os.path.abspath(checkpoint)).parent / f"eval-{name}"
 
 
@@ -170,9 +179,10 @@ def eval_command(
     ] = None,
     baseline: Annotated[
         Optional[Path],
-        typer.Option("--baseline", help="A checkpoint to compare with on the same trials (usually the "
-                                        "pretrained model); its variant is read off the file. Each checkpoint "
-                                        "is measured with the adaptation it carries, if any."),
+        typer.Option("--baseline", callback=fetch_released,
+                     help="A checkpoint to compare with on the same trials (usually the pretrained model, by "
+                          "name or file); its variant is read off the file. Each checkpoint is measured with the "
+                          "adaptation it carries, if any."),
     ] = None,
     cohort: Annotated[
         Optional[Path],

@@ -18,7 +18,8 @@ from spkft.core.export import (
     export_3dspeaker,
     export_onnx,
 )
-from spkft.tui.cli.inference import VariantOption, check_variant
+from spkft.tui.cli.inference import CHECKPOINT_HELP, VariantOption, check_variant
+from spkft.tui.cli.models import fetch_released
 
 
 class ExportFormat(str, Enum):
@@ -59,9 +60,9 @@ def _summary(result: ExportResult) -> list[str]:
 def export_command(
     checkpoints: Annotated[
         list[Path],
-        typer.Option("--checkpoint", "-c", envvar="SPKFT_CHECKPOINT", show_default=False,
-                     help="Model weights: a released 3D-Speaker .ckpt or an spkft checkpoint. Repeat it to export "
-                          "the average of several checkpoints of one network (e.g. a run's epochs/ snapshots)."),
+        typer.Option("--checkpoint", "-c", envvar="SPKFT_CHECKPOINT", show_default=False, callback=fetch_released,
+                     help=CHECKPOINT_HELP + " Repeat it to export the average of several checkpoints of one "
+                                            "network (e.g. a run's epochs/ snapshots)."),
     ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="File to write (model.onnx, or a .ckpt with --format 3dspeaker).",

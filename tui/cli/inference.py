@@ -15,14 +15,18 @@ from spkft.core.errors import AudioError
 from spkft.core.files import staged
 from spkft.core.model import VARIANTS
 from spkft.core.onnx_model import OnnxEmbedder
+from spkft.tui.cli.models import fetch_released
 
-_CHECKPOINT_HELP = "Model weights: a released 3D-Speaker .ckpt or an spkft checkpoint."
+CHECKPOINT_HELP = ("Model weights: a released model's name (spkft models list; downloaded on first use), a "
+                   "3D-Speaker .ckpt or an spkft checkpoint.")
 CheckpointOption = Annotated[
-    Path, typer.Option("--checkpoint", "-c", help=_CHECKPOINT_HELP, envvar="SPKFT_CHECKPOINT"),
+    Path, typer.Option("--checkpoint", "-c", help=CHECKPOINT_HELP, envvar="SPKFT_CHECKPOINT",
+                       callback=fetch_released),
 ]
 EitherCheckpointOption = Annotated[
     Optional[Path],
-    typer.Option("--checkpoint", "-c", help=_CHECKPOINT_HELP + " Give this or --model.", envvar="SPKFT_CHECKPOINT"),
+    typer.Option("--checkpoint", "-c", help=CHECKPOINT_HELP + " Give this or --model.", envvar="SPKFT_CHECKPOINT",
+                 callback=fetch_released),
 ]
 ModelOption = Annotated[
     Optional[Path],

@@ -24,8 +24,10 @@ from spkft.core.train import (
     Validated,
     load_config,
 )
+from spkft.core.catalogue import released
 from spkft.core.train.config import FREEZE_PRESETS
 from spkft.core.train.recipes import resolve_recipe
+from spkft.tui.cli.models import fetch_shown
 
 # What may change when a run is resumed: how long it goes on and where it runs, not what it learns.
 RESUMABLE_CHANGES = {"run.epochs", "run.patience", "run.device", "run.num_workers"}
@@ -130,7 +132,9 @@ def train(
     train_source: Annotated[Optional[Path], typer.Option("--train", help="Training data source.")] = None,
     val_source: Annotated[Optional[Path], typer.Option("--val", help="Validation source (default: held-out speakers).")] = None,
     trials: Annotated[Optional[Path], typer.Option("--trials", help="Validation trial list.")] = None,
-    init: Annotated[Optional[Path], typer.Option("--init", help="Pretrained checkpoint to fine-tune.")] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", help="Pretrained checkpoint to fine-tune: a released model's name (spkft models list; downloaded "
+                       "on first use) or a file.")] = None,
     recipe: Annotated[Optional[str], typer.Option(
         "--recipe", help="auto, linear-probe, partial or full: fills in every knob not set otherwise.")] = None,
     variant: Annotated[Optional[str], typer.Option("--variant", help="Model variant.")] = None,
@@ -163,6 +167,9 @@ def train(
             typer.echo(f"# {choice.line()}")
         typer.echo(resolved.to_yaml(), nl=False)
         return
+    entry = released(resolved.model.init)
+    if entry is not None:  # fetched before the run starts, with its own progress
+        fetch_shown(entry)
     stop = threading.Event()
     console = Console(stderr=True)
     previous = signal.getsignal(signal.SIGINT)

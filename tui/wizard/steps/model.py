@@ -1,26 +1,35 @@
-"""Step 2: the model fine-tuning starts from — a pretrained checkpoint, or a fresh network."""
+"""Step 2: the model fine-tuning starts from — a released model, a checkpoint file, or a fresh network.
+
+A released model is downloaded here, in a worker, with a progress bar and a Cancel button; a
+cancelled download leaves nothing behind (its partial file is deleted).
+"""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.validation import Integer
-from textual.widgets import Button, Input, RadioButton, RadioSet, Select, Static
+from textual.widgets import Button, Input, ProgressBar, RadioButton, RadioSet, Select, Static
 from textual.worker import Worker, WorkerState
 
+from spkft.core.catalogue import CATALOGUE, ReleasedModel, cache_record, fetch, partial_path, released
 from spkft.core.checkpoint import load_model
+from spkft.core.download import DownloadCancelled
 from spkft.core.model import DEFAULT_VARIANT, VARIANTS, build_model, count_parameters
 from spkft.core.train.freeze import summarise
-from spkft.tui.wizard.draft import ModelInfo
-from spkft.tui.wizard.fields import Field, PathField, SelectField
+from spkft.tui.wizard.draft import Draft, ModelInfo
+from spkft.tui.wizard.fields import Field, PathField, PathInput, SelectField, as_text
 from spkft.tui.wizard.step import StepScreen
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 UPSTREAM_CHANNELS = VARIANTS[DEFAULT_VARIANT].m_channels
+DEFAULT_RELEASED = "eres2netv2_w24s4ep4"
 
 
 def millions(count: int) -> str:
@@ -69,22 +78,76 @@ class WidthField(Field):
         self.draft.config.model.args = {} if width == UPSTREAM_CHANNELS else {"m_channels": width}
 
 
+def cache_state(entry: ReleasedModel) -> str:
+    """Whether the entry is ready to load, as one line."""
+    if cache_record(entry) is not None:
+        return f"downloaded: {entry.cached_path()}"
+    if entry.cached_path().is_file():
+        return f"placed by hand at {entry.cached_path()}: checked when loaded"
+    if partial_path(entry).is_file():
+        got = partial_path(entry).stat().st_size
+        return f"{got / 1e6:.0f} of {entry.size_bytes / 1e6:.0f} MB downloaded: Download resumes"
+    return f"not downloaded yet: Download fetches {entry.size_bytes / 1e6:.0f} MB from ModelScope, once"
+
+
+def entry_details(entry: ReleasedModel) -> str:
+    return (f"{entry.variant} · {entry.parameters / 1e6:.1f} M parameters · {entry.size_bytes / 1e6:.0f} MB · "
+            f"licence {entry.licence}\ntrained on {entry.training_data} · {entry.sample_rate_hertz // 1000} kHz\n"
+            f"ModelScope {entry.model_id} @ {entry.revision}\n{cache_state(entry)}")
+
+
+class DownloadProgress(Message):
+    """Bytes fetched so far; a newer one replaces an older one still in the queue."""
+
+    def __init__(self, done: int, total: int | None) -> None:
+        super().__init__()
+        self.done, self.total = done, total
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, DownloadProgress)
+
+
+class CheckpointFileField(PathField):
+    """The checkpoint file; empty while model.init names a released model (that choice has its own list)."""
+
+    def compose_control(self) -> ComposeResult:
+        init = self.draft.config.model.init
+        yield PathInput("" if released(init) else as_text(init), suffixes=self.suffixes, folders=self.folders,
+                        placeholder=self.placeholder, validators=[self.validator])
+
+
 class ModelStep(StepScreen):
     NUMBER = 2
     HEADING = "Model: where fine-tuning starts"
 
+    def __init__(self, draft: Draft) -> None:
+        super().__init__(draft)
+        self.cancel_download: threading.Event | None = None  # set while a download runs
+
     def compose_body(self) -> ComposeResult:
-        fresh = self.draft.fresh_model
-        yield Static("Fine-tune a released checkpoint (3D-Speaker's pretrained_eres2netv2w24s4ep4.ckpt above "
-                     "all): it already knows voices and needs little data. A fresh network starts from random "
-                     "weights and needs thousands of speakers.", classes="intro")
+        mode = self.mode()
+        yield Static("Fine-tune a released model (3D-Speaker's ERes2NetV2_w24s4ep4 above all): it already knows "
+                     "voices and needs little data. A fresh network starts from random weights and needs "
+                     "thousands of speakers.", classes="intro")
         with RadioSet(id="mode"):
-            yield RadioButton("Fine-tune a pretrained checkpoint", id="pretrained", value=not fresh)
-            yield RadioButton("Train a fresh model", id="fresh", value=fresh)
+            yield RadioButton("A released model (downloaded once, then cached)", id="released",
+                              value=mode == "released")
+            yield RadioButton("My own checkpoint file", id="pretrained", value=mode == "pretrained")
+            yield RadioButton("A fresh network", id="fresh", value=mode == "fresh")
+        with Vertical(id="released-form"):
+            chosen = self.chosen_entry()
+            with RadioSet(id="catalogue"):
+                for entry in CATALOGUE.values():
+                    yield RadioButton(f"{entry.name} · {entry.parameters / 1e6:.1f} M · "
+                                      f"{entry.size_bytes / 1e6:.0f} MB", id=f"released-{entry.name}",
+                                      value=entry.name == chosen.name)
+            yield Static(id="released-details", markup=False)
+            yield ProgressBar(id="download-progress", show_eta=True)
+            yield Static(id="download-text", markup=False)
         with Vertical(id="pretrained-form"):
-            yield PathField(self.draft, "model.init", "Checkpoint", "A 3D-Speaker .ckpt or an spkft checkpoint; "
-                            "the variant is read off its tensor shapes.", suffixes=CHECKPOINT_SUFFIXES,
-                            folders=False, optional=True, id="checkpoint")
+            yield CheckpointFileField(self.draft, "model.init", "Checkpoint", "A 3D-Speaker .ckpt or an spkft "
+                                      "checkpoint; the variant is read off its tensor shapes.",
+                                      suffixes=CHECKPOINT_SUFFIXES, folders=False, optional=True, id="checkpoint")
         with Vertical(id="fresh-form"):
             yield SelectField(self.draft, "model.variant", "Variant", [(describe(v), v) for v in VARIANTS],
                               "The released checkpoints are eres2netv2_w24s4ep4 (53.5 M) and eres2netv2 (17.9 M).")
@@ -92,33 +155,68 @@ class ModelStep(StepScreen):
                              f"Width of the network; {UPSTREAM_CHANNELS} as released, smaller trains faster.")
         with Horizontal(classes="actions"):
             yield Button("Load", id="load", variant="primary", compact=True)
+            yield Button("Cancel download", id="cancel-download", compact=True)
         yield Static(id="model-info", markup=False)
 
+    def mode(self) -> str:
+        """released, pretrained (a file) or fresh: what the draft's model section says."""
+        if self.draft.fresh_model:
+            return "fresh"
+        init = self.draft.config.model.init
+        return "released" if init is None or released(init) else "pretrained"
+
+    def chosen_entry(self) -> ReleasedModel:
+        return released(self.draft.config.model.init) or CATALOGUE.get(DEFAULT_RELEASED) or next(iter(CATALOGUE.values()))
+
     def on_mount(self) -> None:
+        for widget in ("#download-progress", "#download-text", "#cancel-download"):
+            self.query_one(widget).display = False
+        if self.mode() == "released" and self.draft.config.model.init is None:
+            self.draft.config.model.init = Path(self.chosen_entry().name)  # the choice shown is the choice made
         self.show_mode()
         if self.draft.model is not None:
             self.show_info()
-        elif self.draft.config.model.init is not None:  # prefilled from a saved config
+        elif self.draft.config.model.init is not None and self.ready_to_load():  # prefilled from a saved config
             self.start_load()
 
+    def ready_to_load(self) -> bool:
+        """Whether loading needs no download (a file, or a released model already cached)."""
+        entry = released(self.draft.config.model.init)
+        return entry is None or cache_record(entry) is not None or entry.cached_path().is_file()
+
     def show_mode(self) -> None:
-        fresh = self.draft.fresh_model
-        self.query_one("#pretrained-form").display = not fresh
-        self.query_one("#fresh-form").display = fresh
-        self.query_one("#load", Button).label = "Build" if fresh else "Load"
+        mode = self.mode()
+        for form in ("released", "pretrained", "fresh"):
+            self.query_one(f"#{form}-form").display = form == mode
+        if mode == "released":
+            self.query_one("#released-details", Static).update(entry_details(self.chosen_entry()))
+        label = {"fresh": "Build", "pretrained": "Load"}.get(mode) or ("Load" if self.ready_to_load()
+                                                                       else "Download and load")
+        self.query_one("#load", Button).label = label
 
     def on_radio_set_changed(self, event: RadioSet.Changed) -> None:
         event.stop()
         model = self.draft.config.model
+        if event.radio_set.id == "catalogue":
+            model.init = Path(event.pressed.id.removeprefix("released-"))
+            self.show_mode()
+            return
         self.draft.fresh_model = event.pressed.id == "fresh"
         if self.draft.fresh_model:
             model.init = None
             model.variant = self.query_one(SelectField).query_one(Select).value
+        elif event.pressed.id == "released":
+            model.init = Path(self.chosen_entry_from_list())
+            model.args = {}
         else:
             typed = self.query_one("#checkpoint", PathField).input.value.strip()
             model.init = Path(typed) if typed else None
             model.args = {}
         self.show_mode()
+
+    def chosen_entry_from_list(self) -> str:
+        pressed = self.query_one("#catalogue", RadioSet).pressed_button
+        return pressed.id.removeprefix("released-") if pressed is not None else DEFAULT_RELEASED
 
     def current_choice(self) -> str:
         model = self.draft.config.model
@@ -126,21 +224,69 @@ class ModelStep(StepScreen):
 
     def start_load(self) -> None:
         model = self.draft.config.model
+        if self.cancel_download is not None:
+            self.say("A download is running: wait for it, or cancel it.", problem=True)
+            return
         if not self.draft.fresh_model and model.init is None:
             self.say("Type or browse to a checkpoint first.", problem=True)
             return
         if any(field.problem for field in self.query(Field)):
             self.say("Correct the highlighted field first.", problem=True)
             return
+        entry = released(model.init)
+        if entry is not None and not self.ready_to_load():
+            self.start_download(entry)
+            return
         self.say("Loading…")
         self.load(model.init, model.variant, dict(model.args))
+
+    def start_download(self, entry: ReleasedModel) -> None:
+        self.cancel_download = threading.Event()
+        bar = self.query_one("#download-progress", ProgressBar)
+        bar.update(total=None, progress=0)
+        bar.display = True
+        self.query_one("#download-text", Static).update("")
+        self.query_one("#download-text").display = True
+        self.query_one("#cancel-download").display = True
+        self.query_one("#load", Button).disabled = True
+        self.say(f"Downloading {entry.name} from ModelScope…")
+        self.download(entry, self.cancel_download)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="download")
+    def download(self, entry: ReleasedModel, cancel: threading.Event) -> ModelInfo | None:
+        """Fetch, check and cache the entry, then load it; None when cancelled."""
+        try:
+            fetch(entry, progress=lambda done, total: self.post_message(DownloadProgress(done, total)),
+                  cancel=cancel)
+        except DownloadCancelled:
+            return None
+        return model_info(Path(entry.name), None, {})
+
+    def on_download_progress(self, message: DownloadProgress) -> None:
+        self.query_one("#download-progress", ProgressBar).update(total=message.total, progress=message.done)
+        if message.total:
+            self.query_one("#download-text", Static).update(
+                f"{message.done / 1e6:.1f} of {message.total / 1e6:.1f} MB")
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="model")
     def load(self, init: Path | None, variant: str | None, args: dict[str, Any]) -> ModelInfo:
         return model_info(init, variant, args)
 
+    def finish_download(self) -> None:
+        self.cancel_download = None
+        for widget in ("#download-progress", "#download-text", "#cancel-download"):
+            self.query_one(widget).display = False
+        self.query_one("#load", Button).disabled = False
+        self.show_mode()
+
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        if event.state is WorkerState.SUCCESS and event.worker.name == "load":
+        if event.worker.name == "download" and event.state in (WorkerState.SUCCESS, WorkerState.ERROR,
+                                                               WorkerState.CANCELLED):
+            self.finish_download()
+            if event.state is WorkerState.SUCCESS and event.worker.result is None:
+                self.say("Download cancelled: nothing of it was kept.")
+                return
+        if event.state is WorkerState.SUCCESS and event.worker.name in ("load", "download"):
             info: ModelInfo = event.worker.result
             if self.draft.model is None or self.draft.model.choice != info.choice:
                 self.draft.batch = None  # the batch size suggestion depends on the model
@@ -166,10 +312,21 @@ class ModelStep(StepScreen):
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "load":
             self.start_load()
+        elif event.button.id == "cancel-download" and self.cancel_download is not None:
+            self.cancel_download.set()
+            self.say("Cancelling the download…")
+
+    def back_blocker(self) -> str | None:
+        return "A download is running: wait for it, or cancel it." if self.cancel_download is not None else None
 
     def blocker(self) -> str | None:
+        if self.cancel_download is not None:
+            return "A download is running: wait for it, or cancel it."
         if any(field.problem for field in self.query(Field)):
             return "Correct the highlighted field first."
         if self.draft.model is None or self.draft.model.choice != self.current_choice():
+            entry = released(self.draft.config.model.init)
+            if entry is not None and not self.ready_to_load():
+                return f"Download {entry.name} first (Download and load)."
             return "Load the checkpoint (or build the fresh model) first."
         return None

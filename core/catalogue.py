@@ -1,0 +1,220 @@
+"""3D-Speaker's released ERes2NetV2 checkpoints by name, fetched once into a user cache.
+
+A catalogue name works wherever a checkpoint path does (:func:`resolve_checkpoint`; a file of
+that name in the working folder wins). The file comes from ModelScope's file URL for the model,
+revision and file name (the endpoint can be changed with ``SPKFT_MODEL_ENDPOINT``, for mirrors),
+and is kept at ``<cache>/models/<name>/<revision>/<file>``. A file is taken into the cache only
+once it loads strictly as its variant, every key and shape; a record beside it
+(``<file>.json``) says it passed. A file placed there by hand is checked the first time it is
+used. The cache is ``$SPKFT_HOME``, or else the platform's user cache folder.
+
+The facts of each entry are those 3D-Speaker publishes (``speakerlab/bin/infer_sv.py``, the
+ModelScope model cards); sizes are those of the float32 state_dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import quote, quote_plus
+
+import platformdirs
+
+from spkft.core.download import DownloadError, Progress, download
+from spkft.core.errors import CheckpointError
+
+DEFAULT_ENDPOINT = "https://www.modelscope.cn"
+ENDPOINT_VARIABLE = "SPKFT_MODEL_ENDPOINT"
+HOME_VARIABLE = "SPKFT_HOME"
+
+
+@dataclass(frozen=True)
+class ReleasedModel:
+    """One released checkpoint: where it is published and what it is."""
+
+    name: str
+    variant: str
+    model_id: str  # ModelScope's owner/name
+    revision: str
+    file: str
+    parameters: int
+    size_bytes: int  # the float32 state_dict's tensors; the file is a few kB larger
+    training_data: str
+    licence: str
+    language: str
+    sample_rate_hertz: int = 16000
+    model_args: Mapping[str, Any] = field(default_factory=dict)  # constructor arguments beyond the variant's
+
+    @property
+    def page(self) -> str:
+        return f"https://modelscope.cn/models/{self.model_id}"
+
+    def url(self, endpoint: str | None = None) -> str:
+        """ModelScope's download URL of the file at the pinned revision."""
+        base = (endpoint or model_endpoint()).rstrip("/")
+        return (f"{base}/api/v1/models/{quote(self.model_id)}/repo"
+                f"?Revision={quote_plus(self.revision)}&FilePath={quote_plus(self.file)}")
+
+    def cached_path(self) -> Path:
+        """Where the file lives in the cache (and where to place it by hand)."""
+        return cache_home() / "models" / self.name / self.revision / self.file
+
+    def summary(self) -> str:
+        return (f"{self.variant}, {self.parameters / 1e6:.1f} M parameters, {self.size_bytes / 1e6:.0f} MB; "
+                f"{self.training_data}; {self.licence}; {self.page}")
+
+
+CATALOGUE: dict[str, ReleasedModel] = {
+    entry.name: entry
+    for entry in (
+        ReleasedModel(
+            name="eres2netv2_w24s4ep4",
+            variant="eres2netv2_w24s4ep4",
+            model_id="iic/speech_eres2netv2w24s4ep4_sv_zh-cn_16k-common",
+            revision="v1.0.1",
+            file="pretrained_eres2netv2w24s4ep4.ckpt",
+            parameters=53_513_632,
+            size_bytes=214_353_512,
+            training_data="3D-Speaker's 200k labelled speakers (Mandarin)",
+            licence="Apache-2.0",
+            language="zh-cn",
+        ),
+        ReleasedModel(
+            name="eres2netv2",
+            variant="eres2netv2",
+            model_id="iic/speech_eres2netv2_sv_zh-cn_16k-common",
+            revision="v1.0.1",
+            file="pretrained_eres2netv2.ckpt",
+            parameters=17_859_632,
+            size_bytes=71_587_336,
+            training_data="3D-Speaker's 200k labelled speakers (Mandarin)",
+            licence="Apache-2.0",
+            language="zh-cn",
+        ),
+    )
+}
+
+
+def model_endpoint() -> str:
+    return os.environ.get(ENDPOINT_VARIABLE) or DEFAULT_ENDPOINT
+
+
+def cache_home() -> Path:
+    home = os.environ.get(HOME_VARIABLE)
+    return Path(home).expanduser() if home else platformdirs.user_cache_path("spkft")
+
+
+def partial_path(entry: ReleasedModel) -> Path:
+    """Where a download in progress collects its bytes: outside ``models/``, so nothing half-written is in the cache."""
+    return cache_home() / "downloads" / f"{entry.name}-{entry.revision}-{entry.file}.part"
+
+
+def released(reference: str | Path | None) -> ReleasedModel | None:
+    """The catalogue entry a checkpoint reference names, unless a file of that name exists."""
+    if reference is None or Path(reference).exists():
+        return None
+    return CATALOGUE.get(str(reference))
+
+
+def is_cached(entry: ReleasedModel) -> bool:
+    """Whether the entry's file is in the cache and has passed the strict load."""
+    return _record_matches(entry, entry.cached_path())
+
+
+def resolve_checkpoint(reference: str | Path, progress: Progress | None = None,
+                       cancel: threading.Event | None = None) -> Path:
+    """The file a checkpoint reference means: an existing path as it is, a catalogue name fetched and cached."""
+    entry = released(reference)
+    return Path(reference) if entry is None else fetch(entry, progress=progress, cancel=cancel)
+
+
+def fetch(entry: ReleasedModel, progress: Progress | None = None, cancel: threading.Event | None = None) -> Path:
+    """The entry's cached file, downloaded and checked first if need be."""
+    path = entry.cached_path()
+    if _record_matches(entry, path):
+        return path
+    if path.is_file():  # placed by hand: check it once, and keep it only if it is the right model
+        try:
+            verify(entry, path)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; replace it with {entry.url()} or delete it") from None
+        _write_record(entry, path, source="placed by hand")
+        return path
+    url = entry.url()
+    try:
+        download(url, path, partial_path(entry), progress=progress, cancel=cancel,
+                 verify=lambda file: verify(entry, file, downloaded=True))
+    except DownloadError as exc:
+        if cancel is not None and cancel.is_set():
+            raise
+        raise DownloadError(f"{entry.name}: {exc}. {by_hand(entry)}") from None
+    _write_record(entry, path, source=url)
+    return path
+
+
+def by_hand(entry: ReleasedModel) -> str:
+    """How to get the file into the cache where spkft cannot download it."""
+    path = entry.cached_path()
+    return (f"To place it by hand: download {entry.url()} on a machine that can reach it, save it in "
+            f"{path.parent} as {entry.file}, and 'spkft models path {entry.name}' will then print {path}")
+
+
+def verify(entry: ReleasedModel, path: Path, downloaded: bool = False) -> None:
+    """Refuse a file that does not load strictly as the entry's variant (every key, every shape)."""
+    # Imported here: the checkpoint loader resolves catalogue names through this module.
+    from spkft.core.checkpoint import check_layout
+
+    try:
+        check_layout(path, entry.variant, entry.model_args)
+    except CheckpointError as exc:
+        if downloaded:
+            reason = str(exc).removeprefix(f"{path}: ")
+            raise CheckpointError(f"{entry.name}: the downloaded file was refused and deleted: {reason}") from None
+        raise CheckpointError(f"{entry.name}: {exc}") from None
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _record_matches(entry: ReleasedModel, path: Path) -> bool:
+    """Whether ``path`` is the file the record beside it vouches for (same entry, same size and time)."""
+    try:
+        record = json.loads(_record_path(path).read_text())
+        stat = path.stat()
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and record.get("model_id") == entry.model_id
+            and record.get("revision") == entry.revision and record.get("bytes") == stat.st_size
+            and record.get("mtime_ns") == stat.st_mtime_ns)
+
+
+def _write_record(entry: ReleasedModel, path: Path, source: str) -> None:
+    stat = path.stat()
+    record = {
+        "name": entry.name, "model_id": entry.model_id, "revision": entry.revision, "file": entry.file,
+        "source": source, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path),
+        "verified": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _record_path(path).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def cache_record(entry: ReleasedModel) -> dict[str, Any] | None:
+    """The record of the entry's cached file, when it is cached."""
+    if not is_cached(entry):
+        return None
+    return json.loads(_record_path(entry.cached_path()).read_text())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
