@@ -108,8 +108,10 @@ def load_audio(
     try:
         data, rate = _decode(opened, start_seconds, stop_seconds, name, max_seconds)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        # libsndfile's own words, without "Error opening <what it was given>:" (a buffer's repr for bytes).
+        reason = exc.error_string if isinstance(exc, sf.LibsndfileError) else first_line(exc)
         raise UndecodableAudioError(
-            f"{name}: not a readable audio file (WAV, FLAC, OGG or MP3 expected): {first_line(exc)}"
+            f"{name}: not a readable audio file (WAV, FLAC, OGG or MP3 expected): {reason}"
         ) from None
     return _finish(data, rate, name, min_seconds, max_seconds)
 

@@ -64,6 +64,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     ``path`` may also name a released model (:mod:`spkft.core.catalogue`), fetched on first use.
     """
     path = resolve_checkpoint(path)
+    if path.is_dir():
+        best = path / "best.ckpt"
+        hint = f"; a run folder's best checkpoint is {best}" if best.is_file() else ""
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         names = "" if path.suffix or len(path.parts) > 1 else f" (released models by name: {', '.join(CATALOGUE)})"
         raise CheckpointError(f"{path}: no such checkpoint file{names}")

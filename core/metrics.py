@@ -262,3 +262,50 @@ def compute_metrics(
         target_trials=points.target_trials,
         nontarget_trials=points.nontarget_trials,
     )
+
+
+def bootstrap_differences(
+    baseline_scores: np.ndarray,
+    candidate_scores: np.ndarray,
+    labels: np.ndarray,
+    baseline: VerificationMetrics,
+    candidate: VerificationMetrics,
+    resamples: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Intervals of ``candidate - baseline`` for each figure :func:`~spkft.core.report.compare_metrics`
+    compares, from a paired bootstrap over the trials both systems scored.
+
+    Target and non-target trials are resampled separately, so every resample has both; accuracy
+    stays at each system's own decision threshold. The interval is the central ``level`` of the
+    resampled differences: one that holds 0 means the two systems differ by no more than the
+    noise of this trial list.
+    """
+    baseline_scores, labels = _check_trials(baseline_scores, labels)
+    candidate_scores, _ = _check_trials(candidate_scores, labels)
+    if len(baseline_scores) != len(candidate_scores):
+        raise EvaluationError(f"{len(baseline_scores)} baseline scores but {len(candidate_scores)} candidate "
+                              "scores: the two systems must score the same trials")
+    fars = sorted(set(baseline.at_far) & set(candidate.at_far), reverse=True)
+    targets, nontargets = np.flatnonzero(labels), np.flatnonzero(~labels)
+    rng = np.random.default_rng(seed)
+    differences: dict[str, list[float]] = {}
+
+    def figures(scores: np.ndarray, picked_labels: np.ndarray, metrics: VerificationMetrics) -> dict[str, float]:
+        points = _operating_points(scores, picked_labels)
+        found = {"eer": _eer(points)[0],
+                 "min_dcf": _min_dcf(points, metrics.p_target, metrics.c_miss, metrics.c_fa)[0]}
+        found |= {f"frr@far={far:g}": _at_far(points, far)[2] for far in fars}
+        found["accuracy"] = _accuracy(scores, picked_labels, metrics.threshold)
+        return found
+
+    for _ in range(resamples):
+        picked = np.concatenate([rng.choice(targets, len(targets)), rng.choice(nontargets, len(nontargets))])
+        before = figures(baseline_scores[picked], labels[picked], baseline)
+        after = figures(candidate_scores[picked], labels[picked], candidate)
+        for name in before:
+            differences.setdefault(name, []).append(after[name] - before[name])
+    tail = 100 * (1 - level) / 2
+    return {name: (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+            for name, values in differences.items()}

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import openvino as ov
+from openvino.frontend import FrontEndManager
 import torch
 
 from spkft.core.embedding import SpeakerEmbedder
@@ -97,7 +98,7 @@ class OpenVinoEngine:
             raise ModelError("bf16 needs a CPU that computes bfloat16 natively (AVX512_BF16 or AMX); "
                              "this one does not: use precision fp32")
         try:
-            model = core.read_model(str(path))
+            model = _read_onnx(path)
             self.inputs = [_ov_port(p) for p in model.inputs]
             self.outputs = [_ov_port(p) for p in model.outputs]
             config = {
@@ -148,6 +149,7 @@ def open_engine(path: Path, engine: str = "auto", precision: str = "auto", threa
     problems = engine_choice_problems(engine, precision)
     if problems:
         raise ModelError("; ".join(problems))
+    _check_onnx_file(path)
     if engine == "onnxruntime":
         return OnnxRuntimeEngine(path, threads)
     try:
@@ -211,6 +213,18 @@ class OnnxEmbedder(SpeakerEmbedder):
     def _forward(self, features: torch.Tensor) -> np.ndarray:
         batch = np.ascontiguousarray(features.numpy(), dtype=np.float32)
         return self.engine.run(batch).astype(np.float32, copy=False)
+
+
+def _read_onnx(path: Path) -> ov.Model:
+    """The graph through OpenVINO's ONNX front end only: ``Core.read_model`` would try every front end
+    on a file that is not ONNX, and some print parse errors of their own to stderr."""
+    frontend = FrontEndManager().load_by_framework("onnx")
+    return frontend.convert(frontend.load(str(path)))
+
+
+def _check_onnx_file(path: Path) -> None:
+    if not FrontEndManager().load_by_framework("onnx").supported(str(path)):
+        raise ModelError(f"{path}: not a readable ONNX model (spkft export writes one)")
 
 
 def _ort_port(node: ort.NodeArg) -> _Port:

@@ -35,6 +35,9 @@ class Baseline:
     scores: np.ndarray
     labels: np.ndarray
     label: str = "baseline"
+    # Bootstrap intervals of each change (:func:`~spkft.core.metrics.bootstrap_differences`), which
+    # let the comparison tell a change from noise.
+    intervals: dict[str, tuple[float, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,18 @@ class ReportFiles:
     score_plot: Path
 
 
-def compare_metrics(baseline: VerificationMetrics, candidate: VerificationMetrics) -> dict[str, dict[str, Any]]:
-    """Before/after figures for printing: per metric the two values, the change and whether it improved.
+def compare_metrics(
+    baseline: VerificationMetrics,
+    candidate: VerificationMetrics,
+    intervals: dict[str, tuple[float, float]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Before/after figures for printing: per metric the two values, the change and its verdict.
 
     Covers EER, minDCF, FRR at each target FAR both were measured at (``"frr@far=0.01"``) and
     accuracy. ``relative_delta`` is the change as a fraction of the baseline, None when the
-    baseline is 0.
+    baseline is 0. With ``intervals`` (:func:`~spkft.core.metrics.bootstrap_differences`), a
+    change whose interval holds 0 is ``"within noise"``, and only a change beyond the noise is
+    ``"better"`` (``improved``) or ``"worse"``; without them, any change counts.
     """
     rows: list[tuple[str, float, float, bool]] = [
         ("eer", baseline.eer, candidate.eer, True),
@@ -62,16 +71,23 @@ def compare_metrics(baseline: VerificationMetrics, candidate: VerificationMetric
     for far in sorted(set(baseline.at_far) & set(candidate.at_far), reverse=True):
         rows.append((f"frr@far={far:g}", baseline.at_far[far].frr, candidate.at_far[far].frr, True))
     rows.append(("accuracy", baseline.accuracy, candidate.accuracy, False))
-    return {
-        name: {
+    comparison = {}
+    for name, before, after, lower_is_better in rows:
+        low, high = (intervals or {}).get(name, (after - before, after - before))
+        if low <= 0 <= high and (intervals is not None or before == after):
+            verdict = "within noise" if intervals is not None else "unchanged"
+        else:
+            verdict = "better" if (high < 0) == lower_is_better else "worse"
+        comparison[name] = {
             "baseline": before,
             "candidate": after,
             "delta": after - before,
             "relative_delta": (after - before) / before if before else None,
-            "improved": after < before if lower_is_better else after > before,
+            "interval_95": [low, high] if intervals is not None and name in intervals else None,
+            "verdict": verdict,
+            "improved": verdict == "better",
         }
-        for name, before, after, lower_is_better in rows
-    }
+    return comparison
 
 
 def write_report(
@@ -112,7 +128,7 @@ def write_report(
     record = result.to_dict()
     if baseline is not None:
         record["baseline"] = baseline.metrics.to_dict()
-        record["comparison"] = compare_metrics(baseline.metrics, result)
+        record["comparison"] = compare_metrics(baseline.metrics, result, baseline.intervals)
     files.metrics.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     lines = ["enrol\ttest\tlabel\tscore"]

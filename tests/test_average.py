@@ -20,7 +20,7 @@ from spkft.core.errors import CheckpointError
 from spkft.core.export import parity_inputs
 from spkft.core.model import build_model
 from spkft.core.onnx_model import OnnxEmbedder
-from spkft.core.train import ConfigError, EpochEnded, Trainer, load_config
+from spkft.core.train import ConfigError, EpochEnded, TrainConfig, Trainer, load_config
 from spkft.core.train.snapshots import EpochSnapshots
 from spkft.tui.cli import app
 from spkft.tui.cli.train import ProgressView
@@ -227,7 +227,7 @@ def test_average_last_averages_the_last_epochs_and_keeps_only_their_snapshots(tm
     assert_same_tensors(read_checkpoint(run_dir / "epochs" / "epoch-003.ckpt")["model"],
                         read_checkpoint(run_dir / "last.ckpt")["model"])
     out = io.StringIO()
-    ProgressView(Console(file=out, width=200))(finished)
+    ProgressView(Console(file=out, width=200), TrainConfig())(finished)
     line = next(x for x in out.getvalue().splitlines() if x.startswith("average of epochs"))
     assert line.startswith(f"average of epochs 2, 3 (last 2): val EER {finished.average_eer:.2%} against "
                            f"{finished.best_eer:.2%} for the best epoch ({finished.best_epoch})")

@@ -115,3 +115,11 @@ def test_other_containers_and_missing_files(tmp_path):
         load_model(tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_model(tmp_path / "absent.ckpt")
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file$"):
+        load_model(tmp_path)
+    (tmp_path / "best.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"a run folder's best checkpoint is {tmp_path / 'best.ckpt'}$"):
+        load_model(tmp_path)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from spkft.core.checkpoint import embedding_checkpoint, load_model
 from spkft.core.data import make_trials, read_trials, scan, write_trials
 from spkft.core.embedding import Embedder
 from spkft.core.evaluate import evaluate
@@ -125,7 +126,7 @@ def test_human_output_with_baseline_lands_beside_the_checkpoint(tmp_path, heldou
     stored = json.loads((report_dir / "metrics.json").read_text())
     out = result.stdout
     assert f"{100 * stored['eer']:.2f} %" in out and f"{stored['min_dcf']:.4f}" in out
-    assert "before / after" in out and "improved" in out
+    assert "before / after" in out and "verdict" in out
     assert f"{100 * stored['baseline']['eer']:.2f} %" in out
     assert f"{100 * stored['comparison']['eer']['delta']:+.2f} pp" in out
     assert out.rstrip().endswith(f"report written to {report_dir}")
@@ -150,7 +151,11 @@ def test_baseline_is_measured_on_the_same_trials(tmp_path, heldout, tiny_checkpo
         row = comparison[name]
         assert (row["baseline"], row["candidate"]) == (before, after)
         assert row["delta"] == pytest.approx(after - before, abs=1e-12)
-        assert row["improved"] == (after > before if name == "accuracy" else after < before)
+        low, high = row["interval_95"]  # a paired bootstrap over these trials
+        assert low <= row["delta"] <= high
+        gained = after - before if name == "accuracy" else before - after
+        assert row["verdict"] == ("within noise" if low <= 0 <= high else "better" if gained > 0 else "worse")
+        assert row["improved"] == (row["verdict"] == "better")
 
 
 def test_trials_file_round_trip(tmp_path, heldout, tiny_checkpoint):
@@ -266,3 +271,17 @@ def test_progress_shows_on_a_terminal_unless_json(as_json, tmp_path, heldout, ti
         assert result.stderr == ""
     else:
         assert "embedding (candidate)" in result.stderr and "12/12" in result.stderr
+
+
+def test_a_checkpoint_trained_on_evaluated_speakers_is_warned_about(tmp_path, heldout, tiny_checkpoint):
+    loaded = load_model(tiny_checkpoint)
+    trained = tmp_path / "trained.ckpt"
+    torch.save(embedding_checkpoint(loaded.model, loaded.variant, speakers=[SPEAKERS[1], SPEAKERS[0], "someone"]),
+               trained)
+    result = run("-c", trained, "-d", heldout, "--baseline", tiny_checkpoint, "-o", tmp_path / "r", "--json")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    first, second = sorted(SPEAKERS[:2])
+    assert warnings == [f"warning: {trained} was trained on 2 of the {len(SPEAKERS)} speakers evaluated "
+                        f"({first}, {second}): its figures flatter it; evaluate on speakers it has not been "
+                        "trained on"]

@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
+from spkft.core.train import load_config
 from spkft.tui.cli import app
 
 from data_helpers import write_closed_set
@@ -94,6 +96,19 @@ def test_killed_run_resumes_to_the_same_result(run_config, tmp_path):
     got = metrics.read_text().splitlines()
     drop_time = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]  # noqa: E731
     assert drop_time(got) == drop_time(expected)
+
+
+def test_resume_takes_the_run_folder_by_a_relative_or_an_absolute_path(run_config, tmp_path, monkeypatch):
+    run_dir = tmp_path / "runs" / "x"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(load_config(run_config, {"run.output_dir": run_dir}).to_yaml())
+    monkeypatch.chdir(tmp_path)
+    for given in ("runs/x", "./runs/../runs/x", str(run_dir)):
+        result = runner.invoke(app, ["train", "--resume", "--output-dir", given, "--print-config"])
+        assert result.exit_code == 0, result.output
+        assert yaml.safe_load(result.stdout)["run"]["output_dir"] in (given, str(Path(given)))
+    other = runner.invoke(app, ["train", "--resume", "--output-dir", "runs/x", "--train", "elsewhere.csv"])
+    assert other.exit_code == 1 and "data.train: cannot change when resuming" in other.stderr
 
 
 def test_ddp_with_two_cpu_processes_trains_an_epoch(run_config, tmp_path):

@@ -32,6 +32,25 @@ def test_check_prints_tables_with_fixes_histogram_and_every_excluded_row(tmp_pat
     assert "list.csv:5" in out and "missing" in out and "lost.wav" in out
 
 
+def test_a_long_list_of_excluded_rows_is_summarised_by_reason(tmp_path):
+    write_wav(tmp_path / "a.wav", seconds=1.5)
+    write_wav(tmp_path / "b.wav", seconds=1.5)
+    rows = ["path,speaker", "a.wav,alice", "b.wav,bob"]
+    rows += [f"lost{i}.wav,carol" for i in range(40)]
+    for i in range(5):
+        (tmp_path / f"notes{i}.txt").write_text("not audio")
+        rows.append(f"notes{i}.txt,dan")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "list.csv")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Excluded rows (missing 40, unreadable 5)" in result.output
+    assert "lost2.wav" in result.output and "lost3.wav" not in result.output
+    assert "notes2.txt" in result.output and "notes3.txt" not in result.output
+    assert "6 of 45: --all lists every one" in result.output
+    every = runner.invoke(app, ["data", "check", str(tmp_path / "list.csv"), "--all"], env={"COLUMNS": "200"})
+    assert "lost39.wav" in every.output and "notes4.txt" in every.output and "--all lists" not in every.output
+
+
 def test_check_json_is_the_report_as_json(tmp_path):
     result = runner.invoke(app, ["data", "check", str(_messy(tmp_path)), "--json", "--min-seconds", "2"])
     assert result.exit_code == 0, result.output

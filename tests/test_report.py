@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spkft.core.errors import EvaluationError
-from spkft.core.metrics import FarOperatingPoint, VerificationMetrics, compute_metrics
+from spkft.core.metrics import FarOperatingPoint, VerificationMetrics, bootstrap_differences, compute_metrics
 from spkft.core.records import Trial
 from spkft.core.report import Baseline, _probit, compare_metrics, write_report
 
@@ -94,6 +94,8 @@ def test_comparison_by_hand():
         "candidate": 0.05,
         "delta": pytest.approx(-0.05),
         "relative_delta": pytest.approx(-0.5),
+        "interval_95": None,
+        "verdict": "better",
         "improved": True,
     }
     assert table["min_dcf"]["delta"] == pytest.approx(-0.1)
@@ -105,6 +107,25 @@ def test_comparison_by_hand():
     assert table["accuracy"]["improved"] is False
     assert table["accuracy"]["delta"] == pytest.approx(-0.05)
     json.dumps(table)  # printable as JSON by the CLI without conversion
+
+
+def test_a_change_inside_its_bootstrap_interval_is_within_noise():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(300, bool), np.zeros(3000, bool)]
+    clean = np.where(labels, rng.normal(0.6, 0.15, labels.size), rng.normal(0.1, 0.15, labels.size))
+    jitter = clean + rng.normal(0, 0.01, labels.size)  # the same system, give or take rounding
+    better = np.where(labels, clean + 0.15, clean)  # targets moved well clear of non-targets
+    base = compute_metrics(clean, labels)
+    for scores, verdict in ((jitter, "within noise"), (better, "better")):
+        metrics = compute_metrics(scores, labels)
+        intervals = bootstrap_differences(clean, scores, labels, base, metrics)
+        row = compare_metrics(base, metrics, intervals)["eer"]
+        low, high = row["interval_95"]
+        assert low <= row["delta"] <= high
+        assert row["verdict"] == verdict and row["improved"] is (verdict == "better")
+    worse = compare_metrics(compute_metrics(better, labels), base,
+                            bootstrap_differences(better, clean, labels, compute_metrics(better, labels), base))
+    assert worse["eer"]["verdict"] == "worse" and worse["accuracy"]["verdict"] == "worse"
 
 
 def test_labels_must_agree_with_the_trials(tmp_path):

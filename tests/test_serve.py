@@ -521,6 +521,16 @@ def test_client_commands(server, clips, other_speaker, tmp_path):
     assert missing.exit_code == 1
     assert missing.output.strip() == "error: NOT_FOUND: speaker 'dave' is not enrolled"
 
+    # An error about a file sent names that file, in the server's own words about it.
+    notes = tmp_path / "notes.wav"
+    notes.write_text("not audio\n")
+    for args in (["verify", str(notes), str(files[0])], ["verify", str(files[0]), str(notes)],
+                 ["enroll", "erin", str(files[0]), str(notes)], ["identify", str(notes)], ["embed", str(notes)]):
+        refused = runner.invoke(app, ["client", *args, "--server", server.address])
+        assert refused.exit_code == 1
+        assert refused.output.strip() == (f"error: INVALID_ARGUMENT: {notes}: not a readable audio file "
+                                           "(WAV, FLAC, OGG or MP3 expected): Format not recognised."), args
+
 
 # ---------------------------------------------------------------- spkft serve in a subprocess
 
@@ -587,6 +597,14 @@ from spkft.tui.cli import main
 sys.argv[0] = "spkft"
 main()
 """
+
+
+def test_a_file_that_is_not_a_model_is_one_line_without_library_noise(tmp_path):
+    (tmp_path / "bad.onnx").write_text("junk\n")  # other frameworks' readers would parse it and complain
+    result = subprocess.run([*SPKFT, "serve", "--model", str(tmp_path / "bad.onnx"), "--port", "0"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"error: {tmp_path / 'bad.onnx'}: not a readable ONNX model (spkft export writes one)\n"
 
 
 def test_sigterm_lets_the_call_in_flight_finish_and_exits_0(tmp_path, model_file, clips):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from textual.pilot import Pilot
-from textual.widgets import Button, DirectoryTree, RadioButton, RadioSet, Select, SelectionList, Static
+from textual.widgets import Button, DataTable, DirectoryTree, RadioButton, RadioSet, Select, SelectionList, Static
 
 from spkft.core.export import MIN_COSINE
 from spkft.core.train import load_config
@@ -26,7 +26,8 @@ from spkft.tui.wizard.fields import InputField, SelectField, as_text
 from spkft.tui.wizard.pickers import PathPicker
 from spkft.tui.wizard.step import StepScreen
 from spkft.tui.wizard.steps.model import WidthField
-from wizard_scenes import SCENES, TINY_CHECKPOINT, app_at
+from spkft.tui.wizard.steps.train import CANCELLED_EARLY
+from wizard_scenes import SCENES, TINY_CHECKPOINT, app_at, live_train_scene
 
 pytestmark = pytest.mark.asyncio
 SIZE = (100, 40)
@@ -496,6 +497,43 @@ async def test_back_is_refused_while_training_runs(tmp_path, librispeech_dir, re
 
 
 # ------------------------------------------------------------------------- Cancel and resume
+@pytest.mark.parametrize("size", [(80, 24), (100, 30)], ids=["80x24", "100x30"])
+async def test_the_run_controls_stay_in_view_beside_a_full_epoch_table(scratch, size):
+    app = WizardApp(live_train_scene(), start=6)
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause()
+        assert step(app).query_one("#epochs", DataTable).row_count == 2
+        step(app).running = True  # as while the run goes on
+        await pilot.pause()
+        cancel = step(app).query_one("#cancel", Button)
+        assert cancel.display and step(app).region.contains_region(cancel.region), cancel.region
+
+
+async def test_cancel_in_the_first_epoch_says_nothing_was_saved_and_offers_a_fresh_start(tmp_path, librispeech_dir,
+                                                                                          reference_dir):
+    run_dir = tmp_path / "run"
+    app = WizardApp(run_config(librispeech_dir, reference_dir, run_dir, epochs=2, steps_per_epoch=6), start=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.draft.training is not None and app.draft.training.steps, "the first step")
+        log = app.draft.training
+        await press(pilot, "#cancel")  # the status says "Stopping after this step…" until the trainer returns
+        await wait_for(pilot, lambda: log.finished is not None and not step(app).running, "the run to stop")
+        await pilot.pause()
+        assert log.finished.reason == "cancelled" and not log.epochs and not (run_dir / "last.ckpt").exists()
+        assert text_of(app, "#run-line") == CANCELLED_EARLY
+        assert status(app) == ""
+        assert not step(app).query_one("#resume", Button).display
+        assert step(app).query_one("#restart", Button).display
+
+        await press(pilot, "#restart")
+        assert app.draft.training is not log and step(app).query_one("#cancel", Button).display
+        await wait_for(pilot, lambda: app.draft.training.steps, "the new run's first step")
+        await press(pilot, "#cancel")
+        await wait_for(pilot, lambda: app.draft.training.finished is not None and not step(app).running,
+                       "the new run to stop")
+        assert app.draft.training.finished.reason == "cancelled"
+
+
 async def test_cancel_keeps_the_last_checkpoint_and_the_run_resumes(tmp_path, librispeech_dir, reference_dir):
     run_dir = tmp_path / "run"
     app = WizardApp(run_config(librispeech_dir, reference_dir, run_dir, epochs=3, steps_per_epoch=3), start=6)

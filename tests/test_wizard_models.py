@@ -9,7 +9,7 @@ from spkft.core.catalogue import cache_record, partial_path
 from spkft.tui.wizard.app import WizardApp
 
 from model_server import TINY
-from test_wizard import SIZE, next_step, settle, status, step, text_of, wait_for
+from test_wizard import SIZE, next_step, scratch, settle, status, step, text_of, wait_for  # noqa: F401 (a fixture)
 from wizard_scenes import SCENES
 
 pytestmark = pytest.mark.asyncio
@@ -96,3 +96,21 @@ async def test_a_failed_download_opens_the_error_dialog_and_can_be_retried(home,
         step(app).query_one("#load", Button).press()
         await settle(pilot)
         assert f"✓ {TINY.name} loaded" in str(step(app).query_one("#model-info", Static).render())
+
+
+async def test_going_back_to_a_loaded_choice_needs_no_second_load(scratch):
+    app = WizardApp(SCENES[2](), start=2)  # the tiny checkpoint file, loaded
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        step(app).query_one("#fresh", RadioButton).value = True
+        await pilot.pause()
+        assert text_of(app, "#model-info") == ""  # nothing said about a model not built yet
+        step(app).query_one("#m-channels").value = "8"
+        step(app).query_one("#load", Button).press()
+        await settle(pilot)
+        assert "a fresh eres2netv2_w24s4ep4" in text_of(app, "#model-info")
+        step(app).query_one("#pretrained", RadioButton).value = True
+        await pilot.pause()
+        assert "✓ tiny.ckpt loaded" in text_of(app, "#model-info") and status(app) == ""
+        await next_step(pilot, 3)
+    assert str(app.draft.config.model.init) == "tiny.ckpt" and app.draft.model.choice == "tiny.ckpt"

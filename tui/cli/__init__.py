@@ -2,19 +2,57 @@
 
 Errors raised on purpose by core (:class:`~spkft.core.errors.SpkftError`) and OS errors become
 one line on stderr and exit code 1; ``--debug`` lets the traceback through instead.
+
+Each command's module is imported only when that command runs (or shows its own help), so
+``spkft --help``, ``--version``, a mistyped command and ``spkft client ...`` never load torch,
+torchaudio or OpenVINO.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Annotated
+from difflib import get_close_matches
+from typing import Annotated, Any, NamedTuple
 
 import typer
 from typer.core import TyperGroup
 
 from spkft.core import __version__
 from spkft.core.errors import SpkftError
-from spkft.tui.cli import adapt, client, data, evaluate, export, inference, models, serve, train
+
+
+class Command(NamedTuple):
+    module: str  # spkft.tui.cli.<module>, whose register(app) adds the command
+    help: str  # its one-line help, shown by spkft --help without importing the module
+
+
+# In the order a user meets them; tests check each line against the command's own help.
+COMMANDS = {
+    "data": Command("data", "Check data sources and write a small synthetic demo set."),
+    "models": Command("models", "3D-Speaker's released ERes2NetV2 checkpoints: list, download, locate."),
+    "train": Command("train", "Fine-tune ERes2NetV2 on labelled recordings, validating EER every epoch."),
+    "eval": Command("evaluate", "Measure a checkpoint as a speaker verifier (EER, minDCF, thresholds) and write "
+                                "a report folder."),
+    "adapt": Command("adapt", "Fit a backend adaptation on in-domain recordings, with no retraining, and store "
+                              "it with the model."),
+    "export": Command("export", "Export a checkpoint and check the result against the PyTorch model before "
+                                "writing it."),
+    "embed": Command("inference", "Print one JSON object per file: path, L2-normalised embedding and duration."),
+    "verify": Command("inference", "Cosine score of two recordings (and, with --threshold, the same-speaker "
+                                   "decision)."),
+    "serve": Command("serve", "Serve speaker embedding, verification, enrollment and identification over gRPC "
+                              "until SIGTERM."),
+    "client": Command("client", "Call a running spkft server: embed, verify, enroll, identify and manage "
+                                "speakers."),
+}
+
+
+def load_command(name: str) -> Any:
+    """Import the module of command ``name`` and build the command as Typer would on the root app."""
+    holder = typer.Typer(rich_markup_mode=None, add_completion=False)
+    importlib.import_module(f"spkft.tui.cli.{COMMANDS[name].module}").register(holder)
+    return typer.main.get_group(holder).commands[name]
 
 
 @dataclass
@@ -23,7 +61,29 @@ class Settings:
 
 
 class _Group(TyperGroup):
-    """Turns failures inside any command into one readable line unless --debug is on."""
+    """Loads commands when they are used, and turns failures inside any command into one readable
+    line unless --debug is on."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: typer.Context, name: str) -> Any:
+        if name not in self.commands and name in COMMANDS:
+            self.commands[name] = load_command(name)
+        return self.commands.get(name)
+
+    def format_commands(self, ctx: typer.Context, formatter: Any) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, command.help) for name, command in COMMANDS.items()])
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]):
+        try:
+            return super().resolve_command(ctx, args)
+        except typer.TyperException as exc:  # a usage error: no such command
+            close = get_close_matches(args[0], list(COMMANDS)) if args else []
+            if close and isinstance(getattr(exc, "message", None), str) and "Did you mean" not in exc.message:
+                exc.message = f"{exc.message.rstrip('.')}. Did you mean {', '.join(map(repr, close))}?"
+            raise
 
     def invoke(self, ctx: typer.Context):
         try:
@@ -71,16 +131,6 @@ def _root(
 ) -> None:
     ctx.obj = Settings(debug=debug)
 
-
-data.register(app)
-models.register(app)
-inference.register(app)
-evaluate.register(app)
-adapt.register(app)
-export.register(app)
-train.register(app)
-serve.register(app)
-client.register(app)
 
 
 def main() -> None:

@@ -6,14 +6,15 @@ An error status from the server ends the command with ``error: <CODE>: <details>
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import numpy as np
 import typer
 
-from spkft.serve.client import DEFAULT_SERVER, SpeakerClient
-from spkft.tui.cli.inference import compact_floats
+from spkft.serve.client import DEFAULT_SERVER, ServiceError, SpeakerClient
+from spkft.tui.cli.output import compact_floats
 
 ServerOption = Annotated[
     str, typer.Option("--server", "-s", envvar="SPKFT_SERVER", help="HOST:PORT of the spkft server.")
@@ -46,6 +47,19 @@ def _json(record) -> None:
     typer.echo(json.dumps(record))
 
 
+@contextmanager
+def _files_named(fields: dict[str, Optional[Path]]) -> Iterator[None]:
+    """Server errors about a request field (``test_audio: ...``) name the file that was sent in it."""
+    try:
+        yield
+    except ServiceError as exc:
+        field, sep, rest = exc.details.partition(": ")
+        path = fields.get(field.removesuffix(".pcm")) if sep else None
+        if path is None:
+            raise
+        raise ServiceError(exc.code, f"{path}: {rest}") from None
+
+
 @app.command()
 def embed(
     files: Annotated[list[Path], typer.Argument(help="Audio files (WAV, FLAC, OGG).", metavar="FILE...", show_default=False)],
@@ -58,7 +72,8 @@ def embed(
     """The L2-normalised embedding of each file (with --json, one object per line, as spkft embed)."""
     with _connect(server, auth_token, tls_ca, tls) as client:
         for path in files:
-            result = client.embed(path)
+            with _files_named({"audio": path}):
+                result = client.embed(path)
             vector = compact_floats(np.asarray(result.embedding, dtype=np.float32))
             if as_json:
                 _json({"path": str(path), "embedding": vector, "duration_seconds": round(result.duration_seconds, 4)})
@@ -91,7 +106,8 @@ def verify(
     if (reference is None) == (speaker is None):
         raise typer.BadParameter("give either a REFERENCE file or --speaker, not both or neither")
     with _connect(server, auth_token, tls_ca, tls) as client:
-        result = client.verify(test, reference=reference, speaker_id=speaker, threshold=threshold)
+        with _files_named({"test_audio": test, "reference_audio": reference}):
+            result = client.verify(test, reference=reference, speaker_id=speaker, threshold=threshold)
     if as_json:
         _json({"test": str(test), "reference": str(reference) if reference else None, "speaker_id": speaker,
                "score": round(result.score, 6), "threshold": round(result.threshold, 6), "accepted": result.accepted})
@@ -113,7 +129,8 @@ def enroll(
 ) -> None:
     """Add recordings to a speaker (created when new)."""
     with _connect(server, auth_token, tls_ca, tls) as client:
-        result = client.enroll(speaker_id, list(files))
+        with _files_named({f"audios[{i}]": path for i, path in enumerate(files)}):
+            result = client.enroll(speaker_id, list(files))
     if as_json:
         _json({"speaker_id": result.speaker_id, "utterance_count": result.utterance_count})
     else:
@@ -132,7 +149,8 @@ def identify(
 ) -> None:
     """The enrolled speakers closest to FILE, best first."""
     with _connect(server, auth_token, tls_ca, tls) as client:
-        matches = client.identify(file, top_k=top_k).matches
+        with _files_named({"audio": file}):
+            matches = client.identify(file, top_k=top_k).matches
     if as_json:
         _json({"path": str(file), "matches": [{"speaker_id": m.speaker_id, "score": round(m.score, 6)} for m in matches]})
     elif not matches:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,9 @@ data_app = typer.Typer(
 
 # The widest histogram bar, in characters.
 _BAR_WIDTH = 40
+# Excluded rows listed in full up to this many; beyond it, the first few of each reason.
+_LIST_ALL_UP_TO = 20
+_FIRST_PER_REASON = 3
 
 
 @data_app.command()
@@ -38,6 +42,9 @@ def check(
     min_recordings: Annotated[int, typer.Option(
         "--min-recordings-per-speaker", min=1,
         help="Exclude speakers with fewer usable recordings than this.")] = 1,
+    show_all: Annotated[bool, typer.Option(
+        "--all", help=f"List every excluded row; by default a long list shows the first {_FIRST_PER_REASON} "
+                      "of each reason.")] = False,
 ) -> None:
     """Scan a data source: usable recordings, what will be fixed, and every excluded row and why.
 
@@ -53,7 +60,7 @@ def check(
         task = bar.add_task("scan", total=None)
         report = scan(source, min_seconds=min_seconds, min_recordings_per_speaker=min_recordings,
                       progress=lambda done, total: bar.update(task, completed=done, total=total))
-    _print_report(report, Console(highlight=False))
+    _print_report(report, Console(highlight=False), show_all)
 
 
 @data_app.command()
@@ -73,7 +80,7 @@ def demo(
     typer.echo(f"next: spkft data check {root}")
 
 
-def _print_report(report: ScanReport, console: Console) -> None:
+def _print_report(report: ScanReport, console: Console, show_all: bool) -> None:
     summary = Table(title="Data source", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column(overflow="fold")
@@ -130,9 +137,25 @@ def _print_report(report: ScanReport, console: Console) -> None:
     excluded.add_column("file", overflow="fold")
     excluded.add_column("detail", overflow="fold")
     base = report.source if report.source.is_dir() else report.source.parent
-    for row in report.excluded:
+    shown = report.excluded
+    if not show_all and len(shown) > _LIST_ALL_UP_TO:
+        shown = _first_of_each_reason(shown, _FIRST_PER_REASON)
+    for row in shown:
         excluded.add_row(Text(row.where), row.reason.value, Text(_shown_path(row.path, base)), Text(row.detail))
     console.print(excluded)
+    if len(shown) < len(report.excluded):
+        console.print(f"the first {_FIRST_PER_REASON} rows of each reason are shown, {len(shown)} of "
+                      f"{len(report.excluded)}: --all lists every one, --json gives them all to a script")
+
+
+def _first_of_each_reason(rows: list, count: int) -> list:
+    seen: Counter = Counter()
+    kept = []
+    for row in rows:
+        seen[row.reason] += 1
+        if seen[row.reason] <= count:
+            kept.append(row)
+    return kept
 
 
 def _shown_path(path: Path | None, base: Path) -> str:

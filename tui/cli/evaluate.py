@@ -19,7 +19,8 @@ from spkft.core.data import ScanReport, make_trials, read_trials, scan, segment
 from spkft.core.embedding import Embedder
 from spkft.core.errors import DataError
 from spkft.core.evaluate import Evaluation, evaluate
-from spkft.core.metrics import VerificationMetrics, compute_metrics
+from spkft.core.checkpoint import load_model
+from spkft.core.metrics import VerificationMetrics, bootstrap_differences, compute_metrics
 from spkft.core.records import Recording, Trial
 from spkft.core.report import Baseline, compare_metrics, write_report
 from spkft.tui.cli.inference import CheckpointOption, DeviceOption, VariantOption
@@ -118,6 +119,20 @@ def _default_report_dir(checkpoint: Path, data: Path) -> Path:
     return Path(os.path.abspath(checkpoint)).parent / f"eval-{name}"
 
 
+def _embedder(checkpoint: Path, variant: Optional[str], device: str, recordings: list[Recording],
+              feedback: Feedback) -> Embedder:
+    """The checkpoint's embedder; a note when it was trained on speakers of the evaluated data."""
+    loaded = load_model(checkpoint, variant=variant, device=device)
+    trained = set(loaded.checkpoint.get("speakers") or ())
+    heard = sorted(trained & {r.speaker for r in recordings})
+    if heard:
+        shown = ", ".join(heard[:3]) + (", ..." if len(heard) > 3 else "")
+        evaluated = len({r.speaker for r in recordings})
+        feedback.note(f"warning: {checkpoint} was trained on {len(heard)} of the {evaluated} speakers evaluated "
+                      f"({shown}): its figures flatter it; evaluate on speakers it has not been trained on")
+    return Embedder(loaded.inference_model, device)
+
+
 def _adapted(embedder: Embedder) -> str:
     """`` (with its wccn adaptation)`` when the checkpoint carries one, else nothing."""
     return "" if embedder.adaptation is None else f" (with its {embedder.adaptation.method} adaptation)"
@@ -152,16 +167,20 @@ def _metrics_table(metrics: VerificationMetrics, title: Text) -> Table:
 
 def _comparison_table(comparison: dict[str, dict[str, Any]]) -> Table:
     table = Table(title="before / after", title_justify="left")
-    for column in ("metric", "baseline", "candidate", "delta", "improved"):
+    for column in ("metric", "baseline", "candidate", "delta", "95 % interval", "verdict"):
         table.add_column(column, justify="left" if column == "metric" else "right")
+    styles = {"better": "green", "worse": "red"}
     for name, row in comparison.items():
         if name == "min_dcf":  # a normalised cost; every other figure is a rate
             before, after, delta = f"{row['baseline']:.4f}", f"{row['candidate']:.4f}", f"{row['delta']:+.4f}"
+            shown = "{:+.4f}".format
         else:
             before, after = _percent(row["baseline"]), _percent(row["candidate"])
             delta = f"{100 * row['delta']:+.2f} pp"
-        improved = "[green]yes[/green]" if row["improved"] else "[red]no[/red]"
-        table.add_row(name, before, after, delta, improved)
+            shown = lambda value: f"{100 * value:+.2f}"  # noqa: E731
+        interval = "" if row["interval_95"] is None else "{} to {}".format(*map(shown, row["interval_95"]))
+        verdict = Text(row["verdict"], style=styles.get(row["verdict"], ""))
+        table.add_row(name, before, after, delta, interval, verdict)
     return table
 
 
@@ -234,8 +253,8 @@ def eval_command(
             if cohort_speakers < 2:
                 raise DataError(f"{cohort}: an AS-norm cohort needs at least 2 speakers, found {cohort_speakers}")
         # Both models load before any embedding, so a bad baseline fails in seconds, not after a pass.
-        candidate_model = Embedder.from_checkpoint(checkpoint, variant=variant, device=device)
-        baseline_model = None if baseline is None else Embedder.from_checkpoint(baseline, device=device)
+        candidate_model = _embedder(checkpoint, variant, device, recordings, feedback)
+        baseline_model = None if baseline is None else _embedder(baseline, None, device, recordings, feedback)
 
         def measure(embedder: Embedder, label: str) -> tuple[Evaluation, VerificationMetrics]:
             evaluation = evaluate(embedder, recordings, trials, cohort=cohort_recordings, top_k=top_k,
@@ -248,7 +267,9 @@ def eval_command(
         reference = None
         if baseline_model is not None:
             before, before_metrics = measure(baseline_model, "baseline")
-            reference = Baseline(before_metrics, before.scores, before.labels)
+            intervals = bootstrap_differences(before.scores, candidate.scores, candidate.labels, before_metrics,
+                                              metrics, seed=seed)
+            reference = Baseline(before_metrics, before.scores, before.labels, intervals=intervals)
 
     directory = report_dir if report_dir is not None else _default_report_dir(checkpoint, data)
     files = write_report(directory, metrics, candidate.scores, candidate.labels, candidate.trials,
@@ -256,7 +277,7 @@ def eval_command(
     record: dict[str, Any] = metrics.to_dict()
     if reference is not None:
         record["baseline"] = reference.metrics.to_dict()
-        record["comparison"] = compare_metrics(reference.metrics, metrics)
+        record["comparison"] = compare_metrics(reference.metrics, metrics, reference.intervals)
     if as_json:
         typer.echo(json.dumps(record | {"report_dir": str(files.directory)}))
         return

@@ -16,6 +16,7 @@ from spkft.core.files import staged
 from spkft.core.model import VARIANTS
 from spkft.core.onnx_model import OnnxEmbedder
 from spkft.tui.cli.models import fetch_released
+from spkft.tui.cli.output import compact_floats
 
 CHECKPOINT_HELP = ("Model weights: a released model's name (spkft models list; downloaded on first use), a "
                    "3D-Speaker .ckpt or an spkft checkpoint.")
@@ -99,11 +100,6 @@ def _embedder(checkpoint: Optional[Path], model: Optional[Path], variant: Option
         raise typer.BadParameter("--model runs on the CPU; --device applies to --checkpoint only",
                                  param_hint="--device")
     return OnnxEmbedder.from_file(model, engine=engine.value, precision=precision.value)
-
-
-def compact_floats(vector: np.ndarray) -> list[float]:
-    # Eight significant digits keep every bit of a float32 that matters and halve the text.
-    return [float(f"{x:.8g}") for x in vector.tolist()]
 
 
 def embed(

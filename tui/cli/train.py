@@ -21,16 +21,20 @@ from spkft.core.train import (
     RunStarted,
     StepEnded,
     Trainer,
+    TrainConfig,
     Validated,
     load_config,
 )
 from spkft.core.catalogue import released
 from spkft.core.train.config import FREEZE_PRESETS
+from spkft.core.train.plausible import implausible
 from spkft.core.train.recipes import resolve_recipe
 from spkft.tui.cli.models import fetch_shown
 
 # What may change when a run is resumed: how long it goes on and where it runs, not what it learns.
 RESUMABLE_CHANGES = {"run.epochs", "run.patience", "run.device", "run.num_workers"}
+PATH_KEYS = {"data.train", "data.val", "data.trials", "data.test", "model.init", "augment.noise_dir",
+             "augment.rir_dir", "run.output_dir"}
 
 
 def _model_args(pairs: list[str]) -> dict[str, Any]:
@@ -62,8 +66,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 class ProgressView:
     """Turns trainer events into a rich progress bar and one line per epoch."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, config: TrainConfig) -> None:
         self.console = console
+        self.config = config
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  lr {task.fields[lr]:.2e}"),
@@ -81,6 +86,8 @@ class ProgressView:
             )
             if event.recipe:
                 self.console.print(event.recipe)
+            for key, reason in implausible(self.config, event.train_recordings).items():
+                self.console.print(f"warning: {key}: {reason}", markup=False)
             for line in event.parameters:
                 self.console.print("  " + line)
             total = event.epochs * event.steps_per_epoch
@@ -184,7 +191,7 @@ def train(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, interrupt)
     try:
-        finished = Trainer(resolved, sink=ProgressView(console), stop=stop, resume=resume).run()
+        finished = Trainer(resolved, sink=ProgressView(console, resolved), stop=stop, resume=resume).run()
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
@@ -204,10 +211,19 @@ def _resume_config(config: Optional[Path], output_dir: Optional[Path], overrides
     resolved, _ = resolve_recipe(load_config(saved_path, {k: v for k, v in overrides.items() if v is not None} | (
         _flatten(first.model_dump(mode="json")) if first is not None else {})))
     before, after = _flatten(saved.model_dump(mode="json")), _flatten(resolved.model_dump(mode="json"))
-    changed = sorted(k for k in before if before[k] != after[k] and k not in RESUMABLE_CHANGES)
+    changed = sorted(k for k in before if not _same(k, before[k], after[k]) and k not in RESUMABLE_CHANGES)
     if changed:
         raise ConfigError([f"{k}: cannot change when resuming ({before[k]!r} -> {after[k]!r})" for k in changed])
     return resolved
+
+
+def _same(key: str, saved: Any, given: Any) -> bool:
+    """Equal values; paths are equal when they name the same file or folder (runs/x and /home/me/runs/x)."""
+    if saved == given:
+        return True
+    if key in PATH_KEYS and saved is not None and given is not None:
+        return Path(saved).expanduser().resolve() == Path(given).expanduser().resolve()
+    return False
 
 
 def register(app: typer.Typer) -> None:

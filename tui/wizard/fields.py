@@ -72,6 +72,7 @@ class Field(Vertical):
             yield from self.compose_control()
         yield Static(self.hint, classes="field-hint", markup=False)
         yield Static("", classes="field-error", markup=False)
+        yield Static("", classes="field-warning", markup=False)
 
     def compose_control(self) -> ComposeResult:
         raise NotImplementedError
@@ -79,7 +80,12 @@ class Field(Vertical):
     def show_problem(self, problem: str | None) -> None:
         self.problem = problem
         self.set_class(problem is not None, "-invalid")
-        self.query_one(".field-error", Static).update(problem or "")
+        self.query_one(".field-error", Static).update(f"✗ {problem}" if problem else "")
+
+    def show_warning(self, warning: str | None) -> None:
+        """A value that is valid but very likely a slip: said beside the field, not refused."""
+        self.set_class(warning is not None, "-warned")
+        self.query_one(".field-warning", Static).update(f"⚠ {warning}" if warning else "")
 
     def accept(self, event: Input.Changed) -> bool:
         """Show why the typed text is refused, or clear the reason; whether it was accepted."""

@@ -15,7 +15,7 @@ from textual.worker import Worker, WorkerState
 from spkft.core.data import Split, make_trials, read_trials, segment
 from spkft.core.embedding import Embedder
 from spkft.core.evaluate import evaluate
-from spkft.core.metrics import VerificationMetrics
+from spkft.core.metrics import VerificationMetrics, bootstrap_differences
 from spkft.core.report import Baseline, compare_metrics, write_report
 from spkft.core.train import TrainConfig
 from spkft.core.train.runtime import pick_device
@@ -64,7 +64,7 @@ def metrics_table(comparison: Comparison) -> Table:
             table.add_row(name, value)
         return table
     before = figures(baseline.metrics)
-    changes = compare_metrics(baseline.metrics, comparison.candidate.metrics)
+    changes = compare_metrics(baseline.metrics, comparison.candidate.metrics, baseline.intervals)
     by_row = {"EER": "eer", "minDCF": "min_dcf", "accuracy": "accuracy",
               **{f"FRR at FAR {percent(far)}": f"frr@far={far:g}" for far in baseline.metrics.at_far}}
     for column in (BASELINE, CANDIDATE, "change"):
@@ -75,7 +75,8 @@ def metrics_table(comparison: Comparison) -> Table:
             shown = ""
         else:
             delta = f"{change['delta']:+.4f}" if name == "minDCF" else f"{100 * change['delta']:+.2f} pp"
-            shown = f"[green]{delta} better[/]" if change["improved"] else f"[red]{delta} worse[/]"
+            style = {"better": "green", "worse": "red"}.get(change["verdict"], "default")
+            shown = f"[{style}]{delta} {change['verdict']}[/]"
         table.add_row(name, before[name], value, shown)
     return table
 
@@ -142,7 +143,9 @@ class EvaluateStep(StepScreen):
         if config.model.init is not None:
             before = evaluate(Embedder.from_checkpoint(config.model.init, device=device), recordings, trials,
                               progress=progress(BASELINE))
-            baseline = Baseline(before.metrics, before.scores, before.labels, label=BASELINE)
+            intervals = bootstrap_differences(before.scores, candidate.scores, candidate.labels, before.metrics,
+                                              candidate.metrics, seed=config.run.seed)
+            baseline = Baseline(before.metrics, before.scores, before.labels, label=BASELINE, intervals=intervals)
         report_dir = Path(config.run.output_dir) / f"{which}-report"
         write_report(report_dir, candidate.metrics, candidate.scores, candidate.labels, candidate.trials,
                      baseline=baseline, label=CANDIDATE)

@@ -123,6 +123,8 @@ class ModelStep(StepScreen):
     def __init__(self, draft: Draft) -> None:
         super().__init__(draft)
         self.cancel_download: threading.Event | None = None  # set while a download runs
+        # Models loaded on this visit by choice, so going back to an earlier choice needs no reload.
+        self.loaded: dict[str, ModelInfo] = {} if draft.model is None else {draft.model.choice: draft.model}
 
     def compose_body(self) -> ComposeResult:
         mode = self.mode()
@@ -200,6 +202,7 @@ class ModelStep(StepScreen):
         if event.radio_set.id == "catalogue":
             model.init = Path(event.pressed.id.removeprefix("released-"))
             self.show_mode()
+            self.follow_choice()
             return
         self.draft.fresh_model = event.pressed.id == "fresh"
         if self.draft.fresh_model:
@@ -213,6 +216,7 @@ class ModelStep(StepScreen):
             model.init = Path(typed) if typed else None
             model.args = {}
         self.show_mode()
+        self.follow_choice()
 
     def chosen_entry_from_list(self) -> str:
         pressed = self.query_one("#catalogue", RadioSet).pressed_button
@@ -287,15 +291,28 @@ class ModelStep(StepScreen):
                 self.say("Download cancelled: nothing of it was kept.")
                 return
         if event.state is WorkerState.SUCCESS and event.worker.name in ("load", "download"):
-            info: ModelInfo = event.worker.result
-            if self.draft.model is None or self.draft.model.choice != info.choice:
-                self.draft.batch = None  # the batch size suggestion depends on the model
-            self.draft.model = info
-            if self.draft.config.model.init is not None:
-                # The file fixes the variant and every size: name the variant, override nothing.
-                self.draft.config.model.variant = info.variant
-                self.draft.config.model.args = {}
-            self.show_info()
+            self.adopt(event.worker.result)
+
+    def adopt(self, info: ModelInfo) -> None:
+        """Make ``info`` the step's model: loaded just now, or loaded before and chosen again."""
+        self.loaded[info.choice] = info
+        if self.draft.model is None or self.draft.model.choice != info.choice:
+            self.draft.batch = None  # the batch size suggestion depends on the model
+        self.draft.model = info
+        if self.draft.config.model.init is not None:
+            # The file fixes the variant and every size: name the variant, override nothing.
+            self.draft.config.model.variant = info.variant
+            self.draft.config.model.args = {}
+        self.show_info()
+
+    def follow_choice(self) -> None:
+        """After the choice changed: the model loaded for it before, if any, else nothing stale."""
+        info = self.loaded.get(self.current_choice())
+        if info is not None:
+            self.adopt(info)
+        else:
+            self.query_one("#model-info", Static).update("")
+            self.say("")
 
     def show_info(self) -> None:
         info = self.draft.model

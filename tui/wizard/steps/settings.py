@@ -14,13 +14,13 @@ from textual.worker import Worker, WorkerState
 
 from spkft.core.errors import DeviceError
 from spkft.core.train.memory import BatchSuggestion, suggest_batch_size
+from spkft.core.train.plausible import UPSTREAM_LR, data_batch, implausible
+from spkft.core.train.recipes import training_data
 from spkft.core.train.runtime import pick_device
 from spkft.tui.wizard.draft import Draft
 from spkft.tui.wizard.fields import Field, InputField, PathField, SelectField
 from spkft.tui.wizard.step import StepScreen
 
-# The learning rate 3D-Speaker trains ERes2NetV2 from scratch with.
-UPSTREAM_LR = 0.2
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -110,11 +110,23 @@ class SettingsStep(StepScreen):
         yield SelectField(draft, "run.precision", "Precision", [(p, p) for p in PRECISIONS])
 
     def on_mount(self) -> None:
+        self.training_recordings = training_data(self.draft.config, self.draft.scan).recordings
         self.show_recipe()
         if self.draft.batch is None:
             self.measure()
         else:
             self.show_batch(self.draft.batch)
+        self.show_warnings()
+
+    def show_warnings(self) -> None:
+        """Beside each field, why its value is very likely a slip, if it is."""
+        warnings = implausible(self.draft.config, self.training_recordings, self.draft.batch)
+        for field in self.query(InputField):
+            field.show_warning(warnings.get(field.key))
+
+    def suggested_batch(self, memory: BatchSuggestion) -> int:
+        """The memory's suggestion, held to at least 4 steps per pass over the training recordings."""
+        return min(memory.batch_size, data_batch(self.training_recordings))
 
     def show_recipe(self) -> None:
         text = f"Recipe {self.draft.recipe_line()}"
@@ -124,6 +136,7 @@ class SettingsStep(StepScreen):
 
     def on_field_changed(self, event: Field.Changed) -> None:
         self.show_recipe()
+        self.show_warnings()
 
     def measure(self) -> None:
         self.query_one("#batch-advice", Static).update("Measuring the memory one crop takes…")
@@ -138,21 +151,26 @@ class SettingsStep(StepScreen):
             suggestion: BatchSuggestion = event.worker.result
             self.draft.batch = suggestion
             if not self.draft.is_explicit("run.batch_size"):
-                self.draft.set("run.batch_size", suggestion.batch_size)
+                self.draft.set("run.batch_size", self.suggested_batch(suggestion))
                 self.query_one("#batch-size", InputField).refresh_value()
             self.show_batch(suggestion)
+            self.show_warnings()
 
     def show_batch(self, suggestion: BatchSuggestion) -> None:
         gigabytes = suggestion.free_bytes / 2**30
-        self.query_one("#batch-advice", Static).update(
-            f"Suggested {suggestion.batch_size}: {gigabytes:.1f} GiB free, "
-            f"{suggestion.bytes_per_crop / 2**20:.0f} MiB per crop (measured).")
+        memory = f"{gigabytes:.1f} GiB free, {suggestion.bytes_per_crop / 2**20:.0f} MiB per crop (measured)"
+        batch = self.suggested_batch(suggestion)
+        text = (f"Suggested {batch}: {memory}." if batch == suggestion.batch_size else
+                f"Suggested {batch}: at least 4 steps per pass over {self.training_recordings} training "
+                f"recordings (memory allows {suggestion.batch_size}: {memory}).")
+        self.query_one("#batch-advice", Static).update(text)
         self.query_one("#use-batch", Button).disabled = False
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "use-batch" and self.draft.batch is not None:
-            self.draft.set("run.batch_size", self.draft.batch.batch_size)
+            self.draft.set("run.batch_size", self.suggested_batch(self.draft.batch))
             self.query_one("#batch-size", InputField).refresh_value()
+            self.show_warnings()
         elif event.button.id == "measure-batch":
             self.measure()
 

@@ -23,6 +23,8 @@ ENDINGS = {
     "early_stopped": "Training stopped early: the validation EER stopped improving.",
     "cancelled": "Training cancelled; the last completed epoch's checkpoint is kept and the run can be resumed.",
 }
+CANCELLED_EARLY = ("Training cancelled before any epoch completed: no checkpoint was saved, so there is nothing "
+                   "to resume. Start again when you are ready.")
 
 
 class TrainingProgress(Message):
@@ -30,6 +32,10 @@ class TrainingProgress(Message):
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, TrainingProgress)
+
+
+class TrainingEnded(Message):
+    """The trainer returned (finished, stopped early or cancelled), whatever it logged."""
 
 
 class TrainingFailed(Message):
@@ -59,9 +65,11 @@ class TrainStep(StepScreen):
             yield EerPlot(id="eer-plot")
         yield Static(id="best", markup=False)
         yield DataTable(id="epochs", cursor_type="row", zebra_stripes=True)
-        with Horizontal(classes="actions"):
+        # Docked: the controls that stop or steer the run stay in view however long the epoch table grows.
+        with Horizontal(classes="actions", id="run-controls"):
             yield Button("Cancel", id="cancel", variant="error", compact=True)
             yield Button("Resume", id="resume", compact=True)
+            yield Button("Start again", id="restart", compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#epochs", DataTable).add_columns("epoch", "loss", "accuracy", "val EER", "minDCF", "")
@@ -101,6 +109,13 @@ class TrainStep(StepScreen):
             Trainer(config, sink=sink, stop=stop, resume=resume).run()
         except Exception as error:  # reported by message: a cancelled worker reports no state change
             self.post_message(TrainingFailed(error))
+        else:
+            self.post_message(TrainingEnded())
+
+    def on_training_ended(self, message: TrainingEnded) -> None:
+        self.running = False
+        self.say("")  # "Stopping after this step…" is over
+        self.show_log()
 
     def on_training_progress(self, message: TrainingProgress) -> None:
         self.show_log()
@@ -135,6 +150,8 @@ class TrainStep(StepScreen):
         log = self.draft.training
         finished, steps, started = log.finished, log.steps, log.started
         if finished is not None:
+            if finished.reason == "cancelled" and not self.resumable():
+                return CANCELLED_EARLY
             where = f" Best checkpoint: {finished.best_checkpoint}" if finished.best_checkpoint else ""
             return ENDINGS[finished.reason] + where
         if not steps or (started is not None and steps[-1].epoch <= started.start_epoch):
@@ -165,13 +182,19 @@ class TrainStep(StepScreen):
     def watch_running(self) -> None:
         self.show_controls()
 
+    def resumable(self) -> bool:
+        log = self.draft.training
+        return log is not None and (log.run_dir / "last.ckpt").is_file()
+
     def show_controls(self) -> None:
-        """Cancel while a run is going; Resume when one was cancelled after a checkpoint was saved."""
+        """Cancel while a run is going; then Resume when a cancelled run saved a checkpoint, else Start again."""
         self.query_one("#cancel", Button).display = self.running
         log = self.draft.training
-        resumable = (log is not None and not self.running and isinstance(log.finished, RunFinished)
-                     and log.finished.reason == "cancelled" and (log.run_dir / "last.ckpt").is_file())
-        self.query_one("#resume", Button).display = resumable
+        cancelled = (log is not None and not self.running and isinstance(log.finished, RunFinished)
+                     and log.finished.reason == "cancelled")
+        self.query_one("#resume", Button).display = cancelled and self.resumable()
+        self.query_one("#restart", Button).display = cancelled and not self.resumable()
+        self.query_one("#run-controls").display = self.running or cancelled
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "cancel":
@@ -179,6 +202,8 @@ class TrainStep(StepScreen):
             self.workers.cancel_group(self, "train")
         elif event.button.id == "resume":
             self.start(resume=True)
+        elif event.button.id == "restart":
+            self.start(resume=False)
 
     def back_blocker(self) -> str | None:
         return "Training is running: Cancel it first." if self.running else None
