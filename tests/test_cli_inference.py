@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from spkft.core import __version__
 from spkft.core.embedding import Embedder
 from spkft.tui.cli import app
+from spkft.tui.cli.output import score_against
 
 runner = CliRunner()
 
@@ -118,3 +119,11 @@ def test_console_script_and_debug_traceback(recordings, tmp_path):
     assert plain.stderr.strip() == f"error: {tmp_path / 'bad.ckpt'}: not a PyTorch checkpoint file"
     debug = subprocess.run(command[:3] + ["--debug"] + command[3:], capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+
+
+def test_a_score_and_its_threshold_print_with_enough_digits_to_differ():
+    assert score_against(0.99993, 0.99987) == ("0.99993", "0.99987")
+    assert score_against(0.5, 0.25) == ("0.5000", "0.2500")
+    assert score_against(0.70000004, 0.7) == ("0.70000004", "0.70000000")
+    assert score_against(0.7, 0.7) == ("0.7000", "0.7000")
+    assert score_against(0.7, 0.7000000001) == ("0.7000", "0.7000")  # alike to 8 decimals: alike

@@ -234,6 +234,12 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
         await settle(pilot)
         assert app.draft.exported.parity.worst_cosine >= MIN_COSINE
         assert (tmp_path / "run" / "model.onnx").is_file()
+        # The served threshold comes from the validation speakers, not from step 7's test speakers.
+        validation = torch.load(tmp_path / "run" / "best.ckpt", weights_only=True)["evaluation"]
+        metadata = app.draft.exported.metadata
+        assert metadata["spkft_threshold_source"] == "eer"
+        assert float(metadata["spkft_threshold"]) == pytest.approx(validation["eer_threshold"])
+        assert float(metadata["spkft_threshold"]) != comparison.candidate.metrics.eer_threshold
         step(app).query_one("#port").value = "0"
         await press(pilot, "#start-server")
         await settle(pilot)

@@ -53,3 +53,17 @@ async def test_implausible_values_are_warned_about_and_the_batch_fits_the_data(s
         await type_into(pilot, "run.batch_size", "2")
         assert below(app, "run.batch_size", "warning") == ""
         assert not step(app).blocker()  # warned, not refused: Next would go on
+
+
+async def test_enough_speakers_hold_some_out_for_testing_unless_told_otherwise(scratch, librispeech_dir):
+    app = WizardApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await type_into(pilot, "data.train", str(librispeech_dir))
+        step(app).query_one("#scan", Button).press()
+        await settle(pilot)
+        assert app.draft.config.data.test_speakers == 25 and field(app, "data.test_speakers").input.value == "25"
+        assert "test 25 speakers" in text_of(app, "#split")
+        await type_into(pilot, "data.test_speakers", "0")  # the user's choice stands, scan after scan
+        step(app).query_one("#scan", Button).press()
+        await settle(pilot)
+        assert app.draft.config.data.test_speakers == 0 and "test none" in text_of(app, "#split")

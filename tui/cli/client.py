@@ -14,7 +14,7 @@ import numpy as np
 import typer
 
 from spkft.serve.client import DEFAULT_SERVER, ServiceError, SpeakerClient
-from spkft.tui.cli.output import compact_floats
+from spkft.tui.cli.output import compact_floats, score_against
 
 ServerOption = Annotated[
     str, typer.Option("--server", "-s", envvar="SPKFT_SERVER", help="HOST:PORT of the spkft server.")
@@ -114,7 +114,8 @@ def verify(
     else:
         relation = ">=" if result.accepted else "<"
         verdict = "same speaker" if result.accepted else "different speakers"
-        typer.echo(f"score {result.score:.4f} {relation} threshold {result.threshold:.4f}: {verdict}")
+        shown, bar = score_against(result.score, result.threshold)
+        typer.echo(f"score {shown} {relation} threshold {bar}: {verdict}")
 
 
 @app.command()

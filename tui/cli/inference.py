@@ -16,7 +16,7 @@ from spkft.core.files import staged
 from spkft.core.model import VARIANTS
 from spkft.core.onnx_model import OnnxEmbedder
 from spkft.tui.cli.models import fetch_released
-from spkft.tui.cli.output import compact_floats
+from spkft.tui.cli.output import compact_floats, score_against
 
 CHECKPOINT_HELP = ("Model weights: a released model's name (spkft models list; downloaded on first use), a "
                    "3D-Speaker .ckpt or an spkft checkpoint.")
@@ -178,8 +178,9 @@ def verify(
     if threshold is None:
         typer.echo(f"score {score:.4f}")
         return
-    decision = (f"score {score:.4f} >= threshold {threshold:.4f}: same speaker" if accepted
-                else f"score {score:.4f} < threshold {threshold:.4f}: different speakers")
+    shown, bar = score_against(score, threshold)
+    decision = (f"score {shown} >= threshold {bar}: same speaker" if accepted
+                else f"score {shown} < threshold {bar}: different speakers")
     typer.echo(decision + (" (the threshold in the model's metadata)" if threshold_source == "model" else ""))
 
 

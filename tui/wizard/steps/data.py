@@ -28,6 +28,9 @@ KINDS = {
 }
 LIST_SUFFIXES = (".csv", ".tsv", ".scp")
 DEMO_FOLDER = "spkft-demo"
+# From this many speakers, step 1 holds out TEST_FRACTION of them (at least 2) for testing by default.
+TEST_FROM_SPEAKERS = 8
+TEST_FRACTION = 0.1
 # The widest duration-histogram bar, in characters.
 BAR_WIDTH = 30
 # Excluded rows listed in the table; the count says how many more there are.
@@ -160,7 +163,18 @@ class DataStep(StepScreen):
         elif event.worker.name == "scan_source":
             self.draft.scanned, self.draft.scan = event.worker.result
             self.query_one("#scan-progress").display = False
+            self.hold_out_test_speakers()
             self.show_report()
+
+    def hold_out_test_speakers(self) -> None:
+        """With enough speakers, hold some out for step 7's test unless told otherwise: figures on the
+        validation speakers, which chose the best epoch, flatter the model."""
+        data = self.draft.config.data
+        speakers = len(self.draft.scan.speakers)
+        if self.draft.is_explicit("data.test_speakers") or data.test is not None or speakers < TEST_FROM_SPEAKERS:
+            return
+        self.draft.set("data.test_speakers", max(2, round(TEST_FRACTION * speakers)))
+        next(f for f in self.query(InputField) if f.key == "data.test_speakers").refresh_value()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "scan":

@@ -14,6 +14,7 @@ from textual.worker import Worker, WorkerState
 from spkft.core.export import MIN_COSINE, ExportResult, export_onnx
 from spkft.serve.client import SpeakerClient
 from spkft.serve.server import ServerConfig, SpeakerServer, create_server
+from spkft.tui.cli.output import score_against
 from spkft.tui.wizard.fields import PathInput
 from spkft.tui.wizard.step import StepScreen
 
@@ -96,25 +97,18 @@ class ServeStep(StepScreen):
             pair = (paths + paths)[:2]
         return pair[0], pair[1]
 
-    @property
-    def threshold(self) -> float | None:
-        """The EER threshold measured in step 7: the default decision threshold the model carries."""
-        evaluation = self.draft.evaluation
-        return evaluation.candidate.metrics.eer_threshold if evaluation is not None else None
-
     def on_mount(self) -> None:
-        threshold = self.threshold
+        # Calibrated on the validation speakers, never on the test speakers whose figures step 7 reports.
         self.query_one("#threshold", Static).update(
-            f"Default threshold {threshold:.4f}: the EER threshold of step 7." if threshold is not None else
-            "Default threshold: the checkpoint's validation EER threshold.")
+            "Threshold: the validation speakers' EER threshold (test speakers only measure).")
         if self.draft.exported is not None:
             self.show_export(self.draft.exported)
         self.show_server()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="export")
-    def export(self, checkpoint: Path, output: Path, threshold: float | None) -> ExportResult:
+    def export(self, checkpoint: Path, output: Path) -> ExportResult:
         output.parent.mkdir(parents=True, exist_ok=True)
-        return export_onnx(checkpoint, output, threshold=threshold)
+        return export_onnx(checkpoint, output)  # its threshold: the validation EER threshold the checkpoint holds
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="server")
     def start_server(self, model: Path, port: int, enroll_db: Path) -> SpeakerServer:
@@ -136,7 +130,8 @@ class ServeStep(StepScreen):
         with SpeakerClient(address) as client:
             result = client.verify(test, reference=reference)
         relation, verdict = (">=", "same speaker") if result.accepted else ("<", "different speakers")
-        return f"score {result.score:.4f} {relation} threshold {result.threshold:.4f}: {verdict}"
+        shown, bar = score_against(result.score, result.threshold)
+        return f"score {shown} {relation} threshold {bar}: {verdict}"
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state is not WorkerState.SUCCESS:
@@ -213,7 +208,7 @@ class ServeStep(StepScreen):
                     self.say("Name the ONNX file first.", problem=True)
                     return
                 self.say("Exporting and checking against PyTorch…")
-                self.export(Path(self.draft.training.finished.best_checkpoint), output, self.threshold)
+                self.export(Path(self.draft.training.finished.best_checkpoint), output)
             case "start-server":
                 port = self.query_one("#port", Input)
                 if self.draft.exported is None:
