@@ -20,7 +20,7 @@ from spkft.core.train import load_config
 from spkft.core.train.config import FREEZE_PRESETS, STAGES
 from spkft.core.train.recipes import describe, pick_recipe, recipe_values, resolve_recipe, training_data
 from spkft.tui.wizard.app import WizardApp
-from spkft.tui.wizard.dialogs import ErrorDialog, PromptDialog
+from spkft.tui.wizard.dialogs import ErrorDialog, FinishDialog, PromptDialog
 from spkft.tui.wizard.draft import Draft
 from spkft.tui.wizard.fields import InputField, SelectField, as_text
 from spkft.tui.wizard.pickers import PathPicker
@@ -252,9 +252,21 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
         assert str(step(app).query_one("#verdict", Static).render()).startswith("score ")
         await press(pilot, "#copy-cli")
         assert app.clipboard.startswith("spkft client verify ") and server.address in app.clipboard
+
+        # Finish says what was made, and that the server stops, before the wizard exits.
+        address = server.address
         await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: isinstance(app.screen, FinishDialog), "the summary")
+        summary = str(app.screen.query_one("#finish-summary", Static).render())
+        run = tmp_path / "run"
+        assert f"Run folder: {run} (best checkpoint {run / 'best.ckpt'})" in summary
+        assert f"Model: {run / 'model.onnx'} (" in summary and f"Server: {address}, stopped" in summary
+        assert (f"Serve it again: spkft serve --model {run / 'model.onnx'} --enroll-db {run / 'enrollments.sqlite'}"
+                in summary)
+        assert app.draft.server is None  # stopped before the summary shows
+        await pilot.press("enter")
         await pilot.pause()
-    assert app.draft.server is None  # the wizard stops its server on the way out
+    assert app.return_value and app.return_value[-1].startswith("Serve it again: ")
 
 
 async def test_no_data_of_your_own_the_demo_set_is_written_and_scanned(tmp_path, monkeypatch):
@@ -503,6 +515,29 @@ async def test_back_is_refused_while_training_runs(tmp_path, librispeech_dir, re
 
 
 # ------------------------------------------------------------------------- Cancel and resume
+async def test_a_run_reopened_in_a_new_session_shows_its_epochs_from_disk(tmp_path, librispeech_dir, reference_dir):
+    run_dir = tmp_path / "run"
+    first = WizardApp(run_config(librispeech_dir, reference_dir, run_dir, epochs=2, steps_per_epoch=2), start=6)
+    async with first.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: first.draft.training is not None and first.draft.training.finished is not None,
+                       "the run to finish")
+    before = first.draft.training
+
+    draft = run_config(librispeech_dir, reference_dir, run_dir, epochs=2, steps_per_epoch=2)
+    draft.resume = True  # step 5's "Resume that run", in a wizard that never saw it run
+    app = WizardApp(draft, start=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.draft.training.finished is not None and not step(app).running,
+                       "the reopened run")
+        await pilot.pause()
+        log = app.draft.training
+        assert [(e.epoch, e.val_eer, e.best_epoch, e.is_best) for e in log.epochs] == [
+            (e.epoch, pytest.approx(e.val_eer), e.best_epoch, e.is_best) for e in before.epochs]
+        assert log.initial.val_eer == pytest.approx(before.initial.val_eer)
+        assert step(app).query_one("#epochs", DataTable).row_count == 2
+        assert f"at epoch {before.epochs[-1].best_epoch}" in text_of(app, "#best")
+
+
 @pytest.mark.parametrize("size", [(80, 24), (100, 30)], ids=["80x24", "100x30"])
 async def test_the_run_controls_stay_in_view_beside_a_full_epoch_table(scratch, size):
     app = WizardApp(live_train_scene(), start=6)

@@ -41,4 +41,6 @@ def main(argv: list[str] | None = None) -> None:
         except SpkftError as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(1) from None
-    WizardApp(draft).run()
+    made = WizardApp(draft).run()
+    if made:  # Finish: what was made stays in the terminal after the wizard closes
+        print("\n".join(made))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from textual import work
 from textual.app import App
 from textual.binding import Binding
 
+from spkft.tui.wizard.dialogs import FinishDialog
 from spkft.tui.wizard.draft import Draft
 from spkft.tui.wizard.step import Move, StepScreen
 from spkft.tui.wizard.steps.data import DataStep
@@ -22,7 +26,27 @@ STEPS: tuple[type[StepScreen], ...] = (
 )
 
 
-class WizardApp(App[None]):
+def finish_summary(draft: Draft) -> list[str]:
+    """What the wizard made, in lines to show on Finish and print once it has closed."""
+    lines = []
+    training = draft.training
+    if training is not None and training.finished is not None:
+        best = training.finished.best_checkpoint
+        lines.append(f"Run folder: {training.run_dir}" + (f" (best checkpoint {best})" if best else ""))
+    if draft.evaluation is not None:
+        lines.append(f"Evaluation report: {draft.evaluation.report_dir}")
+    exported = draft.exported
+    if exported is not None:
+        lines.append(f"Model: {exported.output} ({exported.size_bytes / 1e6:.1f} MB, {exported.format})")
+    if draft.server is not None:
+        lines.append(f"Server: {draft.server.address}, stopped as the wizard closes.")
+    if exported is not None and exported.format == "onnx":
+        store = training.run_dir / "enrollments.sqlite" if training is not None else Path("enrollments.sqlite")
+        lines.append(f"Serve it again: spkft serve --model {exported.output} --enroll-db {store}")
+    return lines or ["Nothing was trained or exported this time."]
+
+
+class WizardApp(App[list[str] | None]):
     """spkft-tui: from recordings to a served speaker verifier, one step at a time."""
 
     CSS_PATH = "wizard.tcss"
@@ -47,7 +71,12 @@ class WizardApp(App[None]):
         while index < len(STEPS):
             move = await self.push_screen_wait(STEPS[index](self.draft))
             index = max(0, index - 1) if move is Move.BACK else index + 1
-        self.exit()
+        lines = finish_summary(self.draft)
+        if self.draft.server is not None:
+            await asyncio.to_thread(stop_server, self.draft.server)
+            self.draft.server = None
+        await self.push_screen_wait(FinishDialog(lines))
+        self.exit(lines)
 
     def action_toggle_theme(self) -> None:
         self.theme = "textual-light" if self.current_theme.dark else "textual-dark"

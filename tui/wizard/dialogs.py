@@ -103,3 +103,25 @@ class PromptDialog(ModalScreen[str | None]):
         answer = self.query_one("#answer", Input).value.strip()
         if answer:
             self.dismiss(answer)
+
+
+class FinishDialog(ModalScreen[None]):
+    """What the wizard made, said before it exits (and printed to the terminal after)."""
+
+    BINDINGS = [Binding("escape,enter", "dismiss", "Close")]
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Done: what the wizard made", classes="dialog-title")
+            with VerticalScroll(classes="dialog-body"):
+                yield Static("\n".join(self.lines), id="finish-summary", markup=False)
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Close the wizard", id="close", variant="primary", compact=True)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.dismiss()

@@ -23,14 +23,17 @@ def probit(percent: float) -> float:
 class LossPlot(PlotextPlot):
     """Training loss (left axis) and accuracy in % (right axis) at every step."""
 
-    def show(self, steps: list[StepEnded]) -> None:
+    def show(self, steps: list[StepEnded], earlier: list[tuple[int, float, float]] = ()) -> None:
+        """``earlier``: (step, loss, accuracy) of epochs read back from disk, each at its last step."""
         plt = self.plt
         plt.clear_data()
         plt.title("loss and accuracy per step")
-        if steps:
-            x = [s.global_step for s in steps]
-            plt.plot(x, [s.loss for s in steps], label="loss", marker="braille")
-            plt.plot(x, [100 * s.accuracy for s in steps], label="accuracy %", yside="right", marker="braille")
+        points = list(earlier) + [(s.global_step, s.loss, s.accuracy) for s in steps]
+        if points:
+            x = [step for step, _, _ in points]
+            plt.plot(x, [loss for _, loss, _ in points], label="loss", marker="braille")
+            plt.plot(x, [100 * accuracy for _, _, accuracy in points], label="accuracy %", yside="right",
+                     marker="braille")
         self.refresh()
 
 

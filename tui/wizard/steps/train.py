@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 from textual import work
@@ -12,7 +14,7 @@ from textual.reactive import reactive
 from textual.widgets import Button, DataTable, ProgressBar, Static
 from textual.worker import get_current_worker
 
-from spkft.core.train import EpochEnded, RunFinished, Trainer, TrainConfig
+from spkft.core.train import EpochEnded, RunFinished, Trainer, TrainConfig, Validated
 from spkft.tui.wizard.draft import TrainingLog
 from spkft.tui.wizard.plots import EerPlot, LossPlot
 from spkft.tui.wizard.step import StepScreen
@@ -42,6 +44,34 @@ class TrainingFailed(Message):
     def __init__(self, error: Exception) -> None:
         super().__init__()
         self.error = error
+
+
+def restored_log(run_dir: Path, config: TrainConfig) -> TrainingLog:
+    """A run's finished epochs read back from its metrics.jsonl, for a run reopened in a new session.
+
+    The starting model's validation and each epoch come back as the events the trainer sent, with
+    the best epoch recounted as the trainer counts it; each epoch's mean loss and accuracy stand at
+    its last step, since per-step figures are not kept on disk.
+    """
+    try:
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return TrainingLog(run_dir)
+    events: list = []
+    best_eer, best_epoch, stale = math.inf, 0, 0
+    for record in records:
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            continue  # the average's line
+        if record["epoch"] == 0:
+            events.append(Validated(0, record["val_eer"], record["val_min_dcf"]))
+            continue
+        is_best = record["val_eer"] < best_eer
+        best_eer, best_epoch, stale = ((record["val_eer"], record["epoch"], 0) if is_best
+                                       else (best_eer, best_epoch, stale + 1))
+        events.append(EpochEnded(record["epoch"], config.run.epochs, record["train_loss"], record["train_accuracy"],
+                                 record["val_eer"], record["val_min_dcf"], best_eer, best_epoch, is_best, stale,
+                                 config.run.patience, record.get("seconds", 0.0)))
+    return TrainingLog(run_dir, events)
 
 
 def kept_for_resume(log: TrainingLog) -> TrainingLog:
@@ -87,6 +117,8 @@ class TrainStep(StepScreen):
         previous = self.draft.training
         if resume and previous is not None and previous.run_dir == Path(config.run.output_dir):
             self.draft.training = kept_for_resume(previous)
+        elif resume:  # a run of an earlier session: its epochs so far, from disk
+            self.draft.training = restored_log(Path(config.run.output_dir), config)
         else:
             self.draft.training = TrainingLog(Path(config.run.output_dir))
         self.draft.evaluation = None
@@ -135,7 +167,10 @@ class TrainStep(StepScreen):
             done = steps[-1].global_step if steps else started.start_epoch * started.steps_per_epoch
             bar.update(total=started.epochs * started.steps_per_epoch, progress=done)
         self.query_one("#run-line", Static).update(self.run_line())
-        self.query_one("#loss-plot", LossPlot).show(steps)
+        stepped = {s.epoch for s in steps}
+        per_step = started.steps_per_epoch if started is not None else 1
+        earlier = [(e.epoch * per_step, e.train_loss, e.train_accuracy) for e in epochs if e.epoch not in stepped]
+        self.query_one("#loss-plot", LossPlot).show(steps, earlier)
         self.query_one("#eer-plot", EerPlot).show(log.initial, epochs)
         self.query_one("#best", Static).update(self.best_line())
         table = self.query_one("#epochs", DataTable)
