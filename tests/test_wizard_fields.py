@@ -67,3 +67,34 @@ async def test_enough_speakers_hold_some_out_for_testing_unless_told_otherwise(s
         step(app).query_one("#scan", Button).press()
         await settle(pilot)
         assert app.draft.config.data.test_speakers == 0 and "test none" in text_of(app, "#split")
+
+
+@pytest.mark.parametrize("number", range(1, 9))
+async def test_focus_starts_on_the_first_control_of_each_step(scratch, number):
+    app = WizardApp(SCENES[number](), start=number)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        body = step(app).query_one("#body")
+        first = next(w for w in body.query("*") if w.focusable)
+        assert app.focused is first, (app.focused, first)
+
+
+async def test_a_chosen_option_shows_a_symbol_not_only_a_colour(scratch):
+    app = WizardApp(SCENES[2](), start=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        chosen, other = step(app).query_one("#pretrained"), step(app).query_one("#fresh")
+        assert "●" in str(chosen.render()) and "○" in str(other.render())
+        other.value = True
+        await pilot.pause()
+        assert "○" in str(chosen.render()) and "●" in str(other.render())
+
+
+async def test_a_frozen_stage_shows_a_tick_not_only_a_colour(scratch):
+    app = WizardApp(SCENES[4](), start=3)  # recipe linear-probe: every stage frozen but seg_1
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        stages = step(app).query_one("#stages")
+        lines = [stages.render_line(y).text for y in range(stages.size.height)]
+        rows = {line[4:].split()[0]: line[:3] for line in lines if len(line) > 4 and line[4:].strip()}
+        assert rows["stem"] == "▐✓▌" and rows["fuse34"] == "▐✓▌" and rows["seg_1"] == "▐ ▌", lines

@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.validation import ValidationResult, Validator
-from textual.widgets import Button, Input, Label, Select, Static
+from textual.widgets import Button, Input, Label, RadioButton, Select, Static
 
 from spkft.tui.wizard.draft import Draft
 from spkft.tui.wizard.pickers import PathPicker
@@ -188,3 +188,11 @@ class SelectField(Field):
         event.stop()
         if self.draft.edit(self.key, event.value):
             self.post_message(self.Changed(self))
+
+
+class Option(RadioButton):
+    """A radio button whose state shows as a symbol (● chosen, ○ not) as well as by colour."""
+
+    @property
+    def BUTTON_INNER(self) -> str:  # noqa: N802 (Textual's name for the glyph)
+        return "●" if self.value else "○"

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.segment import Segment
 from textual.app import ComposeResult
 from textual.message import Message
 from textual.reactive import reactive
+from textual.strip import Strip
 from textual.widgets import Label, RadioButton, RadioSet, SelectionList, Static
+from textual.widgets.option_list import OptionDoesNotExist
 from textual.widgets.selection_list import Selection
 
 from spkft.core.train.config import FREEZE_PRESETS, STAGES
 from spkft.core.train.recipes import RECIPE_CHOICES
 from spkft.tui.wizard.draft import CUSTOM, Draft
-from spkft.tui.wizard.fields import Field, InputField
+from spkft.tui.wizard.fields import Field, InputField, Option
 from spkft.tui.wizard.step import StepScreen
 
 ROLES = {
@@ -32,6 +35,22 @@ EXTRA_BYTES = {"sgd": 4 + 4, "adamw": 4 + 8}
 
 def preset_of(frozen: tuple[str, ...]) -> str:
     return next((name for name, stages in FREEZE_PRESETS.items() if set(stages) == set(frozen)), CUSTOM)
+
+
+class Checklist(SelectionList[str]):
+    """A selection list whose ticked rows show ✓ (and the others a blank) as well as a colour."""
+
+    def render_line(self, y: int) -> Strip:
+        strip = super().render_line(y)
+        segments = list(strip)
+        try:
+            option = self.get_option_at_index(self.scroll_offset.y + y)
+        except OptionDoesNotExist:
+            return strip
+        if len(segments) < 4:  # not a row with its button: left side, mark, right side, space, prompt
+            return strip
+        segments[1] = Segment("✓" if option.value in self.selected else " ", segments[1].style)
+        return Strip(segments, strip.cell_length)
 
 
 class Choices(RadioSet):
@@ -82,7 +101,7 @@ class FreezeStep(StepScreen):
                      "keeps its pretrained weights and BatchNorm statistics.", classes="intro")
         with Choices(prefix="recipe-", id="recipes", classes="inline"):
             for name in (*RECIPE_CHOICES, CUSTOM):
-                yield RadioButton(name, value=name == draft.recipe, id=f"recipe-{name}",
+                yield Option(name, value=name == draft.recipe, id=f"recipe-{name}",
                                   disabled=draft.recipe_refused(name))
         yield Static(id="recipe-line", markup=False)
         refused = [name for name in RECIPE_CHOICES if draft.recipe_refused(name)]
@@ -92,8 +111,8 @@ class FreezeStep(StepScreen):
         yield Label("Frozen stages (space toggles)", classes="section")
         with Choices(prefix="preset-", id="presets", classes="inline"):
             for name in (*FREEZE_PRESETS, CUSTOM):
-                yield RadioButton(name, id=f"preset-{name}")
-        yield SelectionList[str](*self.stage_options(), id="stages")
+                yield Option(name, id=f"preset-{name}")
+        yield Checklist(*self.stage_options(), id="stages")
         yield Static(id="total", markup=False)
         yield Label("Two-phase plan", classes="section")
         yield InputField(draft, "freeze.head_only_epochs", "Head-only epochs",

@@ -24,7 +24,7 @@ from spkft.core.download import DownloadCancelled
 from spkft.core.model import DEFAULT_VARIANT, VARIANTS, build_model, count_parameters
 from spkft.core.train.freeze import summarise
 from spkft.tui.wizard.draft import Draft, ModelInfo
-from spkft.tui.wizard.fields import Field, PathField, PathInput, SelectField, as_text
+from spkft.tui.wizard.fields import Field, Option, PathField, PathInput, SelectField, as_text
 from spkft.tui.wizard.step import StepScreen
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -132,15 +132,15 @@ class ModelStep(StepScreen):
                      "voices and needs little data. A fresh network starts from random weights and needs "
                      "thousands of speakers.", classes="intro")
         with RadioSet(id="mode"):
-            yield RadioButton("A released model (downloaded once, then cached)", id="released",
+            yield Option("A released model (downloaded once, then cached)", id="released",
                               value=mode == "released")
-            yield RadioButton("My own checkpoint file", id="pretrained", value=mode == "pretrained")
-            yield RadioButton("A fresh network", id="fresh", value=mode == "fresh")
+            yield Option("My own checkpoint file", id="pretrained", value=mode == "pretrained")
+            yield Option("A fresh network", id="fresh", value=mode == "fresh")
         with Vertical(id="released-form"):
             chosen = self.chosen_entry()
             with RadioSet(id="catalogue"):
                 for entry in CATALOGUE.values():
-                    yield RadioButton(f"{entry.name} · {entry.parameters / 1e6:.1f} M · "
+                    yield Option(f"{entry.name} · {entry.parameters / 1e6:.1f} M · "
                                       f"{entry.size_bytes / 1e6:.0f} MB", id=f"released-{entry.name}",
                                       value=entry.name == chosen.name)
             yield Static(id="released-details", markup=False)
