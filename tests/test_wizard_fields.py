@@ -69,16 +69,6 @@ async def test_enough_speakers_hold_some_out_for_testing_unless_told_otherwise(s
         assert app.draft.config.data.test_speakers == 0 and "test none" in text_of(app, "#split")
 
 
-@pytest.mark.parametrize("number", range(1, 9))
-async def test_focus_starts_on_the_first_control_of_each_step(scratch, number):
-    app = WizardApp(SCENES[number](), start=number)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        body = step(app).query_one("#body")
-        first = next(w for w in body.query("*") if w.focusable)
-        assert app.focused is first, (app.focused, first)
-
-
 async def test_a_chosen_option_shows_a_symbol_not_only_a_colour(scratch):
     app = WizardApp(SCENES[2](), start=2)
     async with app.run_test(size=SIZE) as pilot:

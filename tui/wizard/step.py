@@ -60,8 +60,7 @@ class StepScreen(Screen[Move]):
 
     def compose(self) -> ComposeResult:
         yield StepBar(self.NUMBER)
-        with VerticalScroll(id="body") as body:
-            body.can_focus = False  # focus starts on the step's first field; the body scrolls to what has focus
+        with VerticalScroll(id="body"):
             yield Label(f"Step {self.NUMBER} of {len(STEP_NAMES)} · {self.HEADING}", classes="heading")
             yield from self.compose_body()
         with Horizontal(id="nav"):
