@@ -122,11 +122,6 @@ def released(reference: str | Path | None) -> ReleasedModel | None:
     return CATALOGUE.get(str(reference))
 
 
-def is_cached(entry: ReleasedModel) -> bool:
-    """Whether the entry's file is in the cache and has passed the strict load."""
-    return _record_matches(entry, entry.cached_path())
-
-
 def resolve_checkpoint(reference: str | Path, progress: Progress | None = None,
                        cancel: threading.Event | None = None) -> Path:
     """The file a checkpoint reference means: an existing path as it is, a catalogue name fetched and cached."""
@@ -137,7 +132,7 @@ def resolve_checkpoint(reference: str | Path, progress: Progress | None = None,
 def fetch(entry: ReleasedModel, progress: Progress | None = None, cancel: threading.Event | None = None) -> Path:
     """The entry's cached file, downloaded and checked first if need be."""
     path = entry.cached_path()
-    if _record_matches(entry, path):
+    if cache_record(entry) is not None:
         return path
     if path.is_file():  # placed by hand: check it once, and keep it only if it is the right model
         try:
@@ -183,18 +178,6 @@ def _record_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _record_matches(entry: ReleasedModel, path: Path) -> bool:
-    """Whether ``path`` is the file the record beside it vouches for (same entry, same size and time)."""
-    try:
-        record = json.loads(_record_path(path).read_text())
-        stat = path.stat()
-    except (OSError, ValueError):
-        return False
-    return (isinstance(record, dict) and record.get("model_id") == entry.model_id
-            and record.get("revision") == entry.revision and record.get("bytes") == stat.st_size
-            and record.get("mtime_ns") == stat.st_mtime_ns)
-
-
 def _write_record(entry: ReleasedModel, path: Path, source: str) -> None:
     stat = path.stat()
     record = {
@@ -206,10 +189,18 @@ def _write_record(entry: ReleasedModel, path: Path, source: str) -> None:
 
 
 def cache_record(entry: ReleasedModel) -> dict[str, Any] | None:
-    """The record of the entry's cached file, when it is cached."""
-    if not is_cached(entry):
+    """The record of the entry's cached file when it vouches for the file there (same entry, same
+    size and time): the file is in the cache and has passed the strict load. None otherwise."""
+    path = entry.cached_path()
+    try:
+        record = json.loads(_record_path(path).read_text())
+        stat = path.stat()
+    except (OSError, ValueError):
         return None
-    return json.loads(_record_path(entry.cached_path()).read_text())
+    vouches = (isinstance(record, dict) and record.get("model_id") == entry.model_id
+               and record.get("revision") == entry.revision and record.get("bytes") == stat.st_size
+               and record.get("mtime_ns") == stat.st_mtime_ns)
+    return record if vouches else None
 
 
 def _sha256(path: Path) -> str:
