@@ -1,4 +1,5 @@
-"""3D-Speaker's released ERes2NetV2 checkpoints by name, fetched once into a user cache.
+"""Released ERes2NetV2 checkpoints by name: 3D-Speaker's, fetched once into a user cache, and the
+small demo base that ships inside spkft.
 
 A catalogue name works wherever a checkpoint path does (:func:`resolve_checkpoint`; a file of
 that name in the working folder wins). The file comes from ModelScope's file URL for the model,
@@ -8,8 +9,10 @@ once it loads strictly as its variant, every key and shape; a record beside it
 (``<file>.json``) says it passed. A file placed there by hand is checked the first time it is
 used. The cache is ``$SPKFT_HOME``, or else the platform's user cache folder.
 
-The facts of each entry are those 3D-Speaker publishes (``speakerlab/bin/infer_sv.py``, the
-ModelScope model cards); sizes are those of the float32 state_dicts.
+The facts of 3D-Speaker's entries are those it publishes (``speakerlab/bin/infer_sv.py``, the
+ModelScope model cards); sizes are those of the float32 state_dicts. The bundled entry is a file
+in this package (``core/models/``), needs no download and is never copied into the cache; README's
+"Demo base model" section says how it was made.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ from spkft.core.errors import CheckpointError
 DEFAULT_ENDPOINT = "https://www.modelscope.cn"
 ENDPOINT_VARIABLE = "SPKFT_MODEL_ENDPOINT"
 HOME_VARIABLE = "SPKFT_HOME"
+BUNDLED_FOLDER = Path(__file__).resolve().with_name("models")
+
+
+def megabytes(count: int) -> str:
+    """A size as people read it: whole megabytes, tenths below 10 MB."""
+    return f"{count / 1e6:.0f} MB" if count >= 10_000_000 else f"{count / 1e6:.1f} MB"
 
 
 @dataclass(frozen=True)
@@ -50,24 +59,58 @@ class ReleasedModel:
     language: str
     sample_rate_hertz: int = 16000
     model_args: Mapping[str, Any] = field(default_factory=dict)  # constructor arguments beyond the variant's
+    bundled: bool = False  # shipped inside spkft (BUNDLED_FOLDER): nothing to download
 
     @property
     def page(self) -> str:
+        if self.bundled:
+            return "bundled with spkft (README: Demo base model)"
         return f"https://modelscope.cn/models/{self.model_id}"
 
     def url(self, endpoint: str | None = None) -> str:
         """ModelScope's download URL of the file at the pinned revision."""
+        if self.bundled:
+            raise ValueError(f"{self.name} is bundled with spkft and has no download URL")
         base = (endpoint or model_endpoint()).rstrip("/")
         return (f"{base}/api/v1/models/{quote(self.model_id)}/repo"
                 f"?Revision={quote_plus(self.revision)}&FilePath={quote_plus(self.file)}")
 
     def cached_path(self) -> Path:
-        """Where the file lives in the cache (and where to place it by hand)."""
+        """Where the file lives: in the cache (and where to place it by hand), or in the package if bundled."""
+        if self.bundled:
+            return BUNDLED_FOLDER / self.file
         return cache_home() / "models" / self.name / self.revision / self.file
 
     def summary(self) -> str:
-        return (f"{self.variant}, {self.parameters / 1e6:.1f} M parameters, {self.size_bytes / 1e6:.0f} MB; "
+        return (f"{self.variant}, {self.parameters / 1e6:.1f} M parameters, {megabytes(self.size_bytes)}; "
                 f"{self.training_data}; {self.licence}; {self.page}")
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Where an entry's file stands on this machine."""
+
+    state: str  # bundled, cached, placed (by hand, checked on first use), partial, missing
+    path: Path  # the file, or where it will be
+    partial_bytes: int = 0  # of a download in progress or cut
+
+    @property
+    def ready(self) -> bool:
+        """Loading needs no download."""
+        return self.state in ("bundled", "cached", "placed")
+
+    def describe(self, entry: ReleasedModel) -> str:
+        """One line for a person."""
+        if self.state == "bundled":
+            return f"bundled with spkft: {self.path}"
+        if self.state == "cached":
+            return f"downloaded: {self.path}"
+        if self.state == "placed":
+            return f"placed by hand at {self.path}: checked when first loaded"
+        if self.state == "partial":
+            return (f"{self.partial_bytes / 1e6:.0f} of {megabytes(entry.size_bytes)} downloaded: "
+                    "the download resumes")
+        return f"not downloaded yet: {megabytes(entry.size_bytes)} from ModelScope, fetched once"
 
 
 CATALOGUE: dict[str, ReleasedModel] = {
@@ -97,8 +140,23 @@ CATALOGUE: dict[str, ReleasedModel] = {
             licence="Apache-2.0",
             language="zh-cn",
         ),
+        ReleasedModel(
+            name="spkft_demo_base",
+            variant="eres2netv2",
+            model_id="",
+            revision="1",
+            file="spkft_demo_base.ckpt",
+            parameters=712_724,
+            size_bytes=2_870_008,
+            training_data="221 LibriSpeech train-clean-100 speakers (English read speech), by spkft",
+            licence="Apache-2.0; trained on LibriSpeech, CC BY 4.0",
+            language="en",
+            model_args={"m_channels": 8},
+            bundled=True,
+        ),
     )
 }
+DEMO_BASE = "spkft_demo_base"
 
 
 def model_endpoint() -> str:
@@ -129,9 +187,29 @@ def resolve_checkpoint(reference: str | Path, progress: Progress | None = None,
     return Path(reference) if entry is None else fetch(entry, progress=progress, cancel=cancel)
 
 
-def fetch(entry: ReleasedModel, progress: Progress | None = None, cancel: threading.Event | None = None) -> Path:
-    """The entry's cached file, downloaded and checked first if need be."""
+def availability(entry: ReleasedModel) -> Availability:
+    """Whether the entry's file is bundled, cached, placed by hand, partly downloaded or missing."""
     path = entry.cached_path()
+    if entry.bundled:
+        return Availability("bundled", path)
+    if cache_record(entry) is not None:
+        return Availability("cached", path)
+    if path.is_file():
+        return Availability("placed", path)
+    partial = partial_path(entry)
+    try:
+        return Availability("partial", path, partial.stat().st_size)
+    except OSError:
+        return Availability("missing", path)
+
+
+def fetch(entry: ReleasedModel, progress: Progress | None = None, cancel: threading.Event | None = None) -> Path:
+    """The entry's cached file, downloaded and checked first if need be (a bundled entry's file as it is)."""
+    path = entry.cached_path()
+    if entry.bundled:
+        if not path.is_file():
+            raise CheckpointError(f"{entry.name}: the bundled file {path} is missing; reinstall spkft")
+        return path
     if cache_record(entry) is not None:
         return path
     if path.is_file():  # placed by hand: check it once, and keep it only if it is the right model

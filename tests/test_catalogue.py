@@ -18,8 +18,8 @@ import yaml
 from typer.testing import CliRunner
 
 from spkft.core import catalogue
-from spkft.core.catalogue import CATALOGUE, cache_record, partial_path
-from spkft.core.checkpoint import load_model
+from spkft.core.catalogue import CATALOGUE, DEMO_BASE, cache_record, partial_path
+from spkft.core.checkpoint import embedding_state_dict, load_model, read_checkpoint
 from spkft.core.model import build_model, count_parameters
 from spkft.core.train.config import check_paths, load_config
 from spkft.tui.cli import app
@@ -200,13 +200,39 @@ def test_a_config_naming_a_released_model_passes_the_path_check(home):
 
 
 def test_the_released_entries_match_the_published_layouts(reference_dir):
-    for entry in CATALOGUE.values():
+    for entry in (e for e in CATALOGUE.values() if not e.bundled):
         model = build_model(entry.variant, **entry.model_args)
         rows = [line.split("\t") for line in (reference_dir / f"{entry.variant}.keys.tsv").read_text().splitlines()]
         published = {key: tuple(int(d) for d in shape.strip("()").split(",") if d.strip()) for key, shape, _ in rows}
         assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == published
         assert count_parameters(model) == entry.parameters
         assert sum(v.numel() * v.element_size() for v in model.state_dict().values()) == entry.size_bytes
+
+
+def test_the_bundled_demo_base_needs_no_download_and_says_where_it_came_from(home, server):
+    entry = CATALOGUE[DEMO_BASE]
+    path = catalogue.resolve_checkpoint(DEMO_BASE)
+    assert entry.bundled and path == entry.cached_path() and path.is_file()
+    assert path.parent.name == "models" and home not in path.parents  # in the package, not the cache
+    catalogue.verify(entry, path)  # every key and shape of its variant
+    state = embedding_state_dict(read_checkpoint(path))
+    assert sum(v.numel() * v.element_size() for v in state.values()) == entry.size_bytes
+    loaded = load_model(DEMO_BASE)
+    assert count_parameters(loaded.model) == entry.parameters
+    # Its provenance travels in the file: what it was trained on, and that training helped.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert "librispeech" in checkpoint["config"]["data"]["train"]
+    assert checkpoint["best_eer"] < checkpoint["initial_eer"]
+    assert len(checkpoint["speakers"]) == 221
+
+    listed = json.loads(spkft("models", "list", "--json").stdout)
+    row = next(r for r in listed["models"] if r["name"] == DEMO_BASE)
+    assert row["state"] == "bundled" and row["ready"] and row["url"] is None and row["path"] == str(path)
+    assert spkft("models", "path", DEMO_BASE).stdout == f"{path}\n"
+    again = spkft("models", "download", DEMO_BASE)
+    assert again.exit_code == 0 and "nothing to download" in again.stdout
+    assert not server.seen  # nothing was asked of the network
+    assert not (home / "models" / DEMO_BASE).exists()
 
 
 def test_a_released_name_downloads_under_modelscope_layout(tmp_path, monkeypatch, server):

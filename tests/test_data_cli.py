@@ -73,14 +73,16 @@ def test_check_of_a_bad_source_is_one_error_line_and_exit_1(tmp_path):
 
 def test_demo_writes_a_synthetic_set_that_check_then_reads(tmp_path):
     target = tmp_path / "demo"
-    result = runner.invoke(app, ["data", "demo", str(target), "--speakers", "3",
+    result = runner.invoke(app, ["data", "demo", str(target), "--speakers", "3", "--test-speakers", "2",
                                  "--recordings-per-speaker", "2", "--seed", "4"])
     assert result.exit_code == 0, result.output
     assert "SYNTHETIC" in result.output and str(target) in result.output
-    assert f"spkft data check {target}" in result.output
-    check = runner.invoke(app, ["data", "check", str(target), "--json"])
+    assert f"spkft data check {target / 'train'}" in result.output
+    check = runner.invoke(app, ["data", "check", str(target / "train"), "--json"])
     assert json.loads(check.output)["speakers"] == 3
-    table = runner.invoke(app, ["data", "check", str(target)])
+    check = runner.invoke(app, ["data", "check", str(target / "test"), "--json"])
+    assert json.loads(check.output)["speakers"] == 2
+    table = runner.invoke(app, ["data", "check", str(target / "train")])
     assert "SYNTHETIC demo set" in table.output
 
 

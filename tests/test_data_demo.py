@@ -15,7 +15,7 @@ from spkft.core.features import fbank
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     return write_demo(tmp_path_factory.mktemp("demo") / "set", speakers=6, recordings_per_speaker=6,
-                      seconds=(1.5, 2.5), seed=0)
+                      seconds=(1.5, 2.5), seed=0, test_speakers=0)
 
 
 def test_demo_is_scanned_back_with_every_speaker(demo):
@@ -43,8 +43,10 @@ def test_demo_folders_read_as_speaker_folders(demo, tmp_path):
 
 
 def test_the_same_seed_writes_the_same_audio(demo, tmp_path):
-    again = write_demo(tmp_path / "again", speakers=6, recordings_per_speaker=6, seconds=(1.5, 2.5), seed=0)
-    other = write_demo(tmp_path / "other", speakers=6, recordings_per_speaker=6, seconds=(1.5, 2.5), seed=1)
+    again = write_demo(tmp_path / "again", speakers=6, recordings_per_speaker=6, seconds=(1.5, 2.5), seed=0,
+                       test_speakers=0)
+    other = write_demo(tmp_path / "other", speakers=6, recordings_per_speaker=6, seconds=(1.5, 2.5), seed=1,
+                       test_speakers=0)
     name = "synth03/synth03_004.wav"
     assert (again / name).read_bytes() == (demo / name).read_bytes()
     assert (other / name).read_bytes() != (demo / name).read_bytes()
@@ -59,14 +61,32 @@ def test_demo_refuses_a_folder_with_other_files_but_replaces_a_previous_demo(tmp
         write_demo(tmp_path / "mine")
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
 
-    target = write_demo(tmp_path / "demo", speakers=3, recordings_per_speaker=2, seconds=(1.0, 1.0))
-    write_demo(target, speakers=2, recordings_per_speaker=2, seconds=(1.0, 1.0))
+    target = write_demo(tmp_path / "demo", speakers=3, recordings_per_speaker=2, seconds=(1.0, 1.0),
+                        test_speakers=2)
+    assert sorted(p.name for p in target.iterdir() if p.is_dir()) == ["test", "train"]
+    write_demo(target, speakers=2, recordings_per_speaker=2, seconds=(1.0, 1.0), test_speakers=0)
     assert sorted(p.name for p in target.iterdir() if p.is_dir()) == ["synth01", "synth02"]
     assert scan(target).speakers == ("synth01", "synth02")
 
     (target / "synth01" / "extra.wav").write_bytes((target / "synth01" / "synth01_000.wav").read_bytes())
     with pytest.raises(DataError, match="holds no previous spkft demo set"):
         write_demo(target)
+
+
+def test_a_split_demo_tests_on_voices_it_does_not_train_on(tmp_path):
+    root = write_demo(tmp_path / "split", speakers=5, recordings_per_speaker=2, seconds=(1.0, 1.5), test_speakers=3)
+    train, test = scan(root / "train"), scan(root / "test")
+    assert len(train.speakers) == 5 and len(test.speakers) == 3
+    assert not set(train.speakers) & set(test.speakers)
+    assert train.synthetic and test.synthetic
+    assert set(train.speakers) | set(test.speakers) == {f"synth{k:02d}" for k in range(1, 9)}
+    # The test voices are drawn from the whole population, not its last few.
+    assert test.speakers != ("synth06", "synth07", "synth08")
+    assert "test/" in (root / "README.txt").read_text()
+    with pytest.raises(DataError, match="demo set in two parts"):
+        scan(root)  # train/ and test/ are not two speakers
+    with pytest.raises(DataError, match="at least 2 speakers"):
+        write_demo(tmp_path / "one", speakers=3, recordings_per_speaker=2, test_speakers=1)
 
 
 def test_synthetic_speakers_are_told_apart_by_their_fbank(demo):

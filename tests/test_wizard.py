@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -15,11 +16,14 @@ import yaml
 from textual.pilot import Pilot
 from textual.widgets import Button, DataTable, DirectoryTree, RadioButton, RadioSet, Select, SelectionList, Static
 
+from spkft.core.catalogue import DEMO_BASE
+from spkft.core.data import DEMO_SPEAKERS
 from spkft.core.export import MIN_COSINE
 from spkft.core.train import load_config
 from spkft.core.train.config import FREEZE_PRESETS, STAGES
 from spkft.core.train.recipes import describe, pick_recipe, recipe_values, resolve_recipe, training_data
-from spkft.tui.wizard.app import WizardApp
+from spkft.tui.wizard import app as wizard_app
+from spkft.tui.wizard.app import Starting, WizardApp
 from spkft.tui.wizard.dialogs import ErrorDialog, FinishDialog, PromptDialog
 from spkft.tui.wizard.draft import Draft
 from spkft.tui.wizard.fields import InputField, SelectField, as_text
@@ -78,6 +82,11 @@ async def wait_for(pilot: Pilot, condition, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         await pilot.pause(0.1)
+
+
+async def first_step(pilot: Pilot) -> None:
+    """Wait for step 1: a wizard started without a draft shows a first screen while its steps load."""
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, StepScreen), "step 1")
 
 
 def step(app: WizardApp) -> StepScreen:
@@ -149,6 +158,7 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     app = WizardApp()
     async with app.run_test(size=SIZE) as pilot:
+        await first_step(pilot)
         # 1 Data: scan real speech, hold out speakers for validation and test.
         await type_into(pilot, "data.train", str(librispeech_dir))
         await type_into(pilot, "data.val_speakers", "2")
@@ -269,20 +279,53 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
     assert app.return_value and app.return_value[-1].startswith("Serve it again: ")
 
 
+async def test_the_first_screen_shows_before_the_steps_have_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loaded = threading.Event()
+    real = wizard_app.step_screens
+
+    def slow_steps():
+        assert loaded.wait(DEADLINE_SECONDS), "the test never let the steps load"
+        return real()
+
+    monkeypatch.setattr(wizard_app, "step_screens", slow_steps)
+    app = WizardApp()
+    async with app.run_test(size=SIZE) as pilot:
+        try:
+            await pilot.pause()
+            assert isinstance(app.screen, Starting), app.screen  # shown while the steps (and torch) load
+            assert "Loading torch" in str(app.screen.query_one("#starting-text", Static).render())
+            assert app.draft is None
+        finally:
+            loaded.set()
+        await wait_for(pilot, lambda: isinstance(app.screen, StepScreen), "step 1")
+        assert app.screen.NUMBER == 1 and app.draft is not None
+
+
 async def test_no_data_of_your_own_the_demo_set_is_written_and_scanned(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = WizardApp()
     async with app.run_test(size=SIZE) as pilot:
+        await first_step(pilot)
         await press(pilot, "#demo")
         assert isinstance(app.screen, PromptDialog)
         app.screen.query_one("#answer").value = "my-demo"
         await pilot.press("enter")
         await settle(pilot)
-        assert field(app, "data.train").input.value == "my-demo"
-        assert app.draft.scan.synthetic and len(app.draft.scan.speakers) == 8
+        assert field(app, "data.train").input.value == str(Path("my-demo") / "train")
+        assert app.draft.scan.synthetic and len(app.draft.scan.speakers) == DEMO_SPEAKERS
         assert "SYNTHETIC" in str(step(app).query_one("#summary", Static).render())
+        # Tested on voices of its own, never trained on; no test speakers taken from train/.
+        assert field(app, "data.test").input.value == str(Path("my-demo") / "test")
+        assert field(app, "data.test_speakers").input.value == "0"
         await next_step(pilot, 2)
-    assert app.draft.config.data.train == Path("my-demo")
+        await settle(pilot)
+        # Step 2 starts from the bundled base, loaded at once: nothing to download.
+        assert app.draft.config.model.init == Path(DEMO_BASE)
+        assert app.draft.model is not None and app.draft.model.variant == "eres2netv2"
+        assert DEMO_BASE in str(app.screen.query_one("#released-details", Static).render())
+    assert app.draft.config.data.train == Path("my-demo") / "train"
+    assert app.draft.config.data.test == Path("my-demo") / "test"
 
 
 async def test_a_checkpoint_is_picked_from_the_file_tree(scratch):

@@ -35,3 +35,13 @@ def test_it_runs_as_a_module_without_loading_the_wizard_for_version():
     assert result.returncode == 0 and result.stdout.strip() == f"spkft-tui {__version__}"
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "textual" not in imported
+
+
+def test_the_app_module_loads_without_torch():
+    # The first screen can only show before torch has loaded if the app needs none of it.
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import spkft.tui.wizard.app"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "textual" in imported
+    assert not {"torch", "torchaudio", "onnx", "openvino", "grpc", "numpy"} & imported

@@ -7,7 +7,7 @@ from textual.widgets import Button, Static
 
 from spkft.tui.wizard.app import WizardApp
 
-from test_wizard import SIZE, field, scratch, settle, status, step, text_of, type_into  # noqa: F401 (a fixture)
+from test_wizard import SIZE, field, first_step, scratch, settle, status, step, text_of, type_into  # noqa: F401 (a fixture)
 from wizard_scenes import SCENES
 
 pytestmark = pytest.mark.asyncio
@@ -58,6 +58,7 @@ async def test_implausible_values_are_warned_about_and_the_batch_fits_the_data(s
 async def test_enough_speakers_hold_some_out_for_testing_unless_told_otherwise(scratch, librispeech_dir):
     app = WizardApp()
     async with app.run_test(size=SIZE) as pilot:
+        await first_step(pilot)
         await type_into(pilot, "data.train", str(librispeech_dir))
         step(app).query_one("#scan", Button).press()
         await settle(pilot)
@@ -67,6 +68,16 @@ async def test_enough_speakers_hold_some_out_for_testing_unless_told_otherwise(s
         step(app).query_one("#scan", Button).press()
         await settle(pilot)
         assert app.draft.config.data.test_speakers == 0 and "test none" in text_of(app, "#split")
+
+
+@pytest.mark.parametrize("number", range(1, 9))
+async def test_focus_starts_on_the_first_control_of_each_step(scratch, number):
+    app = WizardApp(SCENES[number](), start=number)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        body = step(app).query_one("#body")
+        first = next(w for w in body.query("*") if w.focusable)
+        assert app.focused is first, (app.focused, first)
 
 
 async def test_a_chosen_option_shows_a_symbol_not_only_a_colour(scratch):

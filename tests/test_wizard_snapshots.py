@@ -30,6 +30,9 @@ async def until_idle(pilot: Pilot) -> None:
     busy = [w for w in pilot.app.workers if isinstance(w.node, StepScreen) and not w.is_finished]
     if busy:  # an empty list would mean every worker, the wizard's own walk included
         await pilot.app.workers.wait_for_complete(busy)
+    # A focused input's cursor blinks; stopped, it stays drawn, so the picture is the same every time.
+    for field in pilot.app.screen.query(Input):
+        field.cursor_blink = False
     await pilot.pause()
 
 

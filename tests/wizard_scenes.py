@@ -39,7 +39,7 @@ VAL_EER = (0.24, 0.19, 0.17, 0.18)
 
 def data_scene() -> Draft:
     """Step 1 after scanning a demo set whose list also names a missing file and a text file."""
-    write_demo("demo", speakers=6, recordings_per_speaker=3, seconds=(1.0, 4.0))
+    write_demo("demo", speakers=6, recordings_per_speaker=3, seconds=(1.0, 4.0), test_speakers=0)
     Path("demo/notes.txt").write_text("not audio\n")
     with open("demo/manifest.csv", "a") as manifest:
         manifest.write("synth01/gone.wav,synth01\nnotes.txt,synth02\n")

@@ -5,7 +5,7 @@ The public API of ``spkft.core.data``; the modules behind it are one concept eac
 ``segments``, ``trials`` and ``demo`` (a small synthetic set).
 """
 
-from spkft.core.data.demo import write_demo
+from spkft.core.data.demo import DEMO_RECORDINGS, DEMO_SPEAKERS, DEMO_TEST_SPEAKERS, write_demo
 from spkft.core.data.report import (
     HISTOGRAM_EDGES,
     Excluded,
@@ -38,5 +38,8 @@ __all__ = [
     "split_sources",
     "split_speakers",
     "write_demo",
+    "DEMO_RECORDINGS",
+    "DEMO_SPEAKERS",
+    "DEMO_TEST_SPEAKERS",
     "write_trials",
 ]

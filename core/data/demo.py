@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from spkft.core.data.sources import DEMO_MARKER_NAME as MARKER_NAME
 from spkft.core.data.sources import MANIFEST_NAME
 from spkft.core.errors import DataError
 from spkft.core.features import SAMPLE_RATE
 
-MARKER_NAME = "spkft-demo.json"
+# The demo as README measures it: enough voices to learn from, and others to test on.
+DEMO_SPEAKERS, DEMO_TEST_SPEAKERS, DEMO_RECORDINGS = 32, 8, 10
 README_NAME = "README.txt"
 
 # F1, F2, F3 (Hz) of nine vowels for an average adult vocal tract (Peterson & Barney's figures,
@@ -51,19 +53,24 @@ class _Voice:
 
 def write_demo(
     directory: str | Path,
-    speakers: int = 8,
-    recordings_per_speaker: int = 12,
+    speakers: int = DEMO_SPEAKERS,
+    recordings_per_speaker: int = DEMO_RECORDINGS,
     seconds: tuple[float, float] = (2.0, 4.0),
     seed: int = 0,
+    test_speakers: int = DEMO_TEST_SPEAKERS,
 ) -> Path:
     """Write a SYNTHETIC set: 16 kHz WAVs in one folder per speaker plus ``manifest.csv``.
 
-    The same arguments always give the same audio. ``directory`` must be new, empty, or hold
-    nothing but a previous demo set (which is replaced); anything else raises :class:`DataError`.
-    Returns the directory.
+    With ``test_speakers``, the set is two: ``train/`` with ``speakers`` voices and ``test/`` with
+    ``test_speakers`` other voices, drawn from the same population, so a model fine-tuned on the
+    first can be measured on speakers it never heard. The same arguments always give the same
+    audio. ``directory`` must be new, empty, or hold nothing but a previous demo set (which is
+    replaced); anything else raises :class:`DataError`. Returns the directory.
     """
     if speakers < 2:
         raise DataError(f"a demo set needs at least 2 speakers, got {speakers}")
+    if test_speakers < 0 or test_speakers == 1:
+        raise DataError(f"a demo test set needs at least 2 speakers (or 0 for none), got {test_speakers}")
     if recordings_per_speaker < 2:
         raise DataError(f"a demo set needs at least 2 recordings per speaker, got {recordings_per_speaker}")
     low, high = seconds
@@ -73,31 +80,49 @@ def write_demo(
     _clear_previous_demo(root)
     root.mkdir(parents=True, exist_ok=True)
 
-    voices = _voices(speakers, np.random.default_rng(seed))
-    names = [f"synth{k + 1:02d}" for k in range(speakers)]
+    rng = np.random.default_rng(seed)
+    voices = _voices(speakers + test_speakers, rng)
+    # Which voices are the test speakers: a seeded draw, so they span the population as the rest do.
+    held_out = set(rng.choice(len(voices), size=test_speakers, replace=False).tolist())
+    parts = {"train": [k for k in range(len(voices)) if k not in held_out], "test": sorted(held_out)}
+    if not test_speakers:
+        parts = {"": parts["train"]}
     written: list[str] = []
-    for k, (name, voice) in enumerate(zip(names, voices)):
-        (root / name).mkdir(exist_ok=True)
-        for u in range(recordings_per_speaker):
-            # One generator per utterance: each file depends on (seed, speaker, index) only.
-            rng = np.random.default_rng([seed, k, u])
-            audio = _utterance(voice, rng.uniform(low, high), rng)
-            relative = f"{name}/{name}_{u:03d}.wav"
-            sf.write(root / relative, audio, SAMPLE_RATE, subtype="PCM_16")
-            written.append(relative)
+    for part, members in parts.items():
+        folder = root / part
+        folder.mkdir(exist_ok=True)
+        listed = []
+        for k in members:
+            name = f"synth{k + 1:02d}"
+            (folder / name).mkdir(exist_ok=True)
+            for u in range(recordings_per_speaker):
+                # One generator per utterance: each file depends on (seed, speaker, index) only.
+                utterance_rng = np.random.default_rng([seed, k, u])
+                audio = _utterance(voices[k], utterance_rng.uniform(low, high), utterance_rng)
+                relative = f"{name}/{name}_{u:03d}.wav"
+                sf.write(folder / relative, audio, SAMPLE_RATE, subtype="PCM_16")
+                listed.append(relative)
+        (folder / MANIFEST_NAME).write_text(
+            "path,speaker\n" + "".join(f"{path},{path.split('/')[0]}\n" for path in listed), encoding="utf-8")
+        prefix = f"{part}/" if part else ""
+        written += [prefix + path for path in listed] + [prefix + MANIFEST_NAME]
+        if part:  # each part is a source of its own, and says it is synthetic
+            (folder / MARKER_NAME).write_text(json.dumps({"synthetic": True, "seed": seed, "part": part}) + "\n",
+                                              encoding="utf-8")
+            written.append(prefix + MARKER_NAME)
 
-    (root / MANIFEST_NAME).write_text(
-        "path,speaker\n" + "".join(f"{path},{path.split('/')[0]}\n" for path in written), encoding="utf-8")
+    split = (f" in train/ ({speakers} speakers) and test/ ({test_speakers} other speakers, for measuring "
+             "a fine-tuned model on voices it never trained on)") if test_speakers else ""
     (root / README_NAME).write_text(
         "SYNTHETIC DATA - not real speech.\n\n"
-        f"Written by `spkft data demo` (seed {seed}): {speakers} synthetic speakers, "
+        f"Written by `spkft data demo` (seed {seed}): {speakers + test_speakers} synthetic speakers{split}, "
         f"{recordings_per_speaker} recordings each, {low:g}-{high:g} s, 16 kHz mono WAV.\n"
         "Each speaker is a source-filter voice (its own pitch and vocal-tract formants) speaking\n"
         "vowel-like syllables. Use it to try spkft end to end; it says nothing about how a model\n"
         "will do on real recordings.\n", encoding="utf-8")
-    marker = {"synthetic": True, "seed": seed, "speakers": speakers,
+    marker = {"synthetic": True, "seed": seed, "speakers": speakers, "test_speakers": test_speakers,
               "recordings_per_speaker": recordings_per_speaker, "seconds": [low, high],
-              "files": [*written, MANIFEST_NAME, README_NAME]}
+              "files": [*written, README_NAME]}
     (root / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     return root
 
@@ -120,7 +145,7 @@ def _clear_previous_demo(root: Path) -> None:
     listed.add(MARKER_NAME)
     if any(p.relative_to(root).as_posix() not in listed for p in entries):
         raise refusal
-    # Every file below root is one the demo wrote, so the speaker folders can go whole.
+    # Every file below root is one the demo wrote, so the speaker (and part) folders can go whole.
     for child in root.iterdir():
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 

@@ -27,6 +27,8 @@ from spkft.core.errors import DataError
 
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3", ".opus"})
 MANIFEST_NAME = "manifest.csv"
+# Written by spkft data demo beside its recordings; a demo in two parts has train/ and test/ below it.
+DEMO_MARKER_NAME = "spkft-demo.json"
 UNLABELLED = ""  # the speaker of a recording from an unlabelled source
 
 _CSV_COLUMNS = {"path", "speaker"}
@@ -98,6 +100,10 @@ def detect_source(source: str | Path, *, allow_unlabelled: bool = False) -> tupl
 
 def read_source(source: str | Path, *, allow_unlabelled: bool = False) -> Listing:
     """Detect the layout of ``source`` and list its rows (no audio is opened)."""
+    root = Path(source).expanduser()
+    if (root / DEMO_MARKER_NAME).is_file() and (root / "train" / MANIFEST_NAME).is_file():
+        raise DataError(f"{source}: a demo set in two parts, whose folders are not speakers: train on "
+                        f"{root / 'train'} and test on {root / 'test'}")
     kind, path = detect_source(source, allow_unlabelled=allow_unlabelled)
     if kind is SourceKind.KALDI:
         rows, rejected = _read_kaldi(path)

@@ -30,7 +30,7 @@ class Command(NamedTuple):
 # In the order a user meets them; tests check each line against the command's own help.
 COMMANDS = {
     "data": Command("data", "Check data sources and write a small synthetic demo set."),
-    "models": Command("models", "3D-Speaker's released ERes2NetV2 checkpoints: list, download, locate."),
+    "models": Command("models", "Released ERes2NetV2 checkpoints: list, download, locate."),
     "train": Command("train", "Fine-tune ERes2NetV2 on labelled recordings, validating EER every epoch."),
     "eval": Command("evaluate", "Measure a checkpoint as a speaker verifier (EER, minDCF, thresholds) and write "
                                 "a report folder."),

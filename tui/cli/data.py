@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from spkft.core.audio import MIN_SECONDS
-from spkft.core.data import ScanReport, scan, write_demo
+from spkft.core.data import DEMO_RECORDINGS, DEMO_SPEAKERS, DEMO_TEST_SPEAKERS, ScanReport, scan, write_demo
 from spkft.core.features import SAMPLE_RATE
 
 data_app = typer.Typer(
@@ -66,18 +66,23 @@ def check(
 @data_app.command()
 def demo(
     directory: Annotated[Path, typer.Argument(help="A new or empty folder to write into.", show_default=False)],
-    speakers: Annotated[int, typer.Option("--speakers", min=2, help="Synthetic speakers.")] = 8,
+    speakers: Annotated[int, typer.Option("--speakers", min=2, help="Synthetic speakers to train on (train/).")] = DEMO_SPEAKERS,
+    test_speakers: Annotated[int, typer.Option(
+        "--test-speakers", min=0, help="Other synthetic speakers to test on (test/); 0 writes one folder.")] = DEMO_TEST_SPEAKERS,
     recordings_per_speaker: Annotated[int, typer.Option(
-        "--recordings-per-speaker", min=2, help="Recordings of each synthetic speaker.")] = 12,
+        "--recordings-per-speaker", min=2, help="Recordings of each synthetic speaker.")] = DEMO_RECORDINGS,
     seed: Annotated[int, typer.Option("--seed", help="The same seed writes the same audio.")] = 0,
 ) -> None:
     """Write a small SYNTHETIC multi-speaker set (not real speech) to try spkft end to end."""
-    root = write_demo(directory, speakers=speakers, recordings_per_speaker=recordings_per_speaker, seed=seed)
-    typer.echo(f"wrote a SYNTHETIC demo set (not real speech) to {root}: {speakers} speakers x "
-               f"{recordings_per_speaker} recordings, 16 kHz WAV, one folder per speaker, plus manifest.csv")
+    root = write_demo(directory, speakers=speakers, recordings_per_speaker=recordings_per_speaker, seed=seed,
+                      test_speakers=test_speakers)
+    parts = (f"train/ ({speakers} speakers) and test/ ({test_speakers} other speakers)" if test_speakers
+             else f"{speakers} speakers")
+    typer.echo(f"wrote a SYNTHETIC demo set (not real speech) to {root}: {parts}, {recordings_per_speaker} "
+               "recordings each, 16 kHz WAV, one folder per speaker, plus manifest.csv")
     typer.echo("its voices are generated (pitch and formants per speaker); results on it say nothing "
                "about real recordings")
-    typer.echo(f"next: spkft data check {root}")
+    typer.echo(f"next: spkft data check {root / 'train' if test_speakers else root}")
 
 
 def _print_report(report: ScanReport, console: Console, show_all: bool) -> None:

@@ -1,4 +1,5 @@
-"""``spkft models``: 3D-Speaker's released checkpoints by name; and fetching a name given as a checkpoint."""
+"""``spkft models``: released checkpoints by name (3D-Speaker's and the bundled demo base); and fetching a
+name given as a checkpoint."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ from rich.table import Table
 from spkft.core.catalogue import (
     CATALOGUE,
     ReleasedModel,
+    availability,
     cache_home,
     cache_record,
     fetch,
+    megabytes,
     model_endpoint,
-    partial_path,
     released,
 )
 from spkft.core.errors import CheckpointError
 
-app = typer.Typer(help="3D-Speaker's released ERes2NetV2 checkpoints: list, download, locate. A name works "
+app = typer.Typer(help="Released ERes2NetV2 checkpoints: list, download, locate. A name works "
                        "wherever a checkpoint path does (--init, --checkpoint, --baseline, model.init).",
                   no_args_is_help=True)
 
@@ -67,9 +69,7 @@ class DownloadView:
 
 def fetch_shown(entry: ReleasedModel) -> Path:
     """The entry's cached file, downloaded first with progress on stderr if it is not cached yet."""
-    if cache_record(entry) is not None:
-        return entry.cached_path()
-    if entry.cached_path().is_file():  # placed by hand: checked, not downloaded
+    if availability(entry).ready:  # bundled, cached, or placed by hand (checked, not downloaded)
         return fetch(entry)
     with DownloadView(entry) as view:
         path = fetch(entry, progress=view)
@@ -96,28 +96,20 @@ def _entry(name: str) -> ReleasedModel:
     return entry
 
 
-def _state(entry: ReleasedModel) -> str:
-    if cache_record(entry) is not None:
-        return "cached"
-    if entry.cached_path().is_file():
-        return "placed, checked on first use"
-    if partial_path(entry).is_file():
-        return f"partly downloaded ({partial_path(entry).stat().st_size / 1e6:.0f} MB), resumes"
-    return "not downloaded"
-
-
 @app.command("list")
 def list_models(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
     """The released models: variant, size, training data, licence, and where each is cached."""
     rows = []
     for entry in CATALOGUE.values():
         record = cache_record(entry)
+        where = availability(entry)
         rows.append({
             "name": entry.name, "variant": entry.variant, "parameters": entry.parameters,
             "size_bytes": entry.size_bytes, "training_data": entry.training_data, "licence": entry.licence,
             "language": entry.language, "sample_rate_hertz": entry.sample_rate_hertz, "source": entry.page,
-            "model_id": entry.model_id, "revision": entry.revision, "file": entry.file, "url": entry.url(),
-            "state": _state(entry), "path": str(entry.cached_path()),
+            "model_id": entry.model_id or None, "revision": entry.revision, "file": entry.file,
+            "url": None if entry.bundled else entry.url(), "state": where.state, "ready": where.ready,
+            "state_text": where.describe(entry), "path": str(where.path),
             "sha256": record["sha256"] if record else None,
         })
     if as_json:
@@ -125,12 +117,13 @@ def list_models(as_json: Annotated[bool, typer.Option("--json", help="Print one 
         return
     table = Table(title="Released ERes2NetV2 models (spkft models download NAME)", title_justify="left")
     table.add_column("name", no_wrap=True)
-    for column in ("params", "size", "licence"):
+    for column in ("params", "size"):
         table.add_column(column, no_wrap=True)
-    table.add_column("cached", overflow="fold")
+    table.add_column("licence")
+    table.add_column("here", overflow="fold")
     for row in rows:
-        table.add_row(row["name"], f"{row['parameters'] / 1e6:.1f} M", f"{row['size_bytes'] / 1e6:.0f} MB",
-                      row["licence"], row["path"] if row["state"] == "cached" else row["state"])
+        table.add_row(row["name"], f"{row['parameters'] / 1e6:.1f} M", f"{megabytes(row['size_bytes'])}",
+                      row["licence"], row["state_text"])
     console = Console(highlight=False)
     console.print(table)
     for row in rows:
@@ -148,8 +141,12 @@ def download_models(
     """Download released models into the cache, each checked by a strict load; resumes a cut download."""
     entries = [_entry(name) for name in names]
     for entry in entries:
-        if cache_record(entry) is not None:
-            typer.echo(f"{entry.name}: already cached as {entry.cached_path()}")
+        where = availability(entry)
+        if where.state == "cached":
+            typer.echo(f"{entry.name}: already cached as {where.path}")
+            continue
+        if where.state == "bundled":
+            typer.echo(f"{entry.name}: bundled with spkft, nothing to download ({where.path})")
             continue
         fetch_shown(entry)
 
@@ -160,7 +157,7 @@ def model_path(
 ) -> None:
     """Print the cached file of a released model, for scripts; exit 1 if it is not in the cache."""
     entry = _entry(name)
-    if cache_record(entry) is None and not entry.cached_path().is_file():
+    if not availability(entry).ready:
         raise CheckpointError(f"{entry.name} is not in the cache: run 'spkft models download {entry.name}', or place "
                               f"the file by hand as {entry.cached_path()}")
     typer.echo(str(fetch(entry)))

@@ -28,14 +28,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``spkft-tui`` console script."""
     args = parse_args(argv)
-    # Imported here so that --help and --version answer without loading torch and Textual.
-    from spkft.core.errors import SpkftError
-    from spkft.core.train import load_config
+    # Imported here so that --help and --version answer without loading Textual; the app itself
+    # shows its first screen before torch and the steps have loaded.
     from spkft.tui.wizard.app import WizardApp
-    from spkft.tui.wizard.draft import Draft
 
-    draft = Draft()
-    if args.config is not None:
+    draft = None
+    if args.config is not None:  # checked before the screen opens, so a bad file is one line here
+        from spkft.core.errors import SpkftError
+        from spkft.core.train import load_config
+        from spkft.tui.wizard.draft import Draft
+
         try:
             draft = Draft.from_config(load_config(args.config))
         except SpkftError as error:

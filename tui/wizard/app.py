@@ -1,29 +1,62 @@
-"""The wizard's app: the steps in order, Back and Next between them, the theme, a clean exit."""
+"""The wizard's app: the steps in order, Back and Next between them, the theme, a clean exit.
+
+This module loads only Textual: the first screen shows at once while a thread imports the steps,
+which bring in torch and the rest of spkft (seconds on a first start).
+"""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from textual import work
-from textual.app import App
+from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, LoadingIndicator, Static
 
 from spkft.tui.wizard.dialogs import FinishDialog
-from spkft.tui.wizard.draft import Draft
-from spkft.tui.wizard.step import Move, StepScreen
-from spkft.tui.wizard.steps.data import DataStep
-from spkft.tui.wizard.steps.evaluate import EvaluateStep
-from spkft.tui.wizard.steps.freezing import FreezeStep
-from spkft.tui.wizard.steps.model import ModelStep
-from spkft.tui.wizard.steps.review import ReviewStep
-from spkft.tui.wizard.steps.serve import ServeStep, stop_server
-from spkft.tui.wizard.steps.settings import SettingsStep
-from spkft.tui.wizard.steps.train import TrainStep
+from spkft.tui.wizard.step import Move, StepBar
 
-STEPS: tuple[type[StepScreen], ...] = (
-    DataStep, ModelStep, FreezeStep, SettingsStep, ReviewStep, TrainStep, EvaluateStep, ServeStep,
-)
+if TYPE_CHECKING:
+    from spkft.tui.wizard.draft import Draft
+    from spkft.tui.wizard.step import StepScreen
+
+
+def step_screens() -> tuple[type[StepScreen], ...]:
+    """The steps in order (importing them loads torch and spkft's core)."""
+    from spkft.tui.wizard.steps.data import DataStep
+    from spkft.tui.wizard.steps.evaluate import EvaluateStep
+    from spkft.tui.wizard.steps.freezing import FreezeStep
+    from spkft.tui.wizard.steps.model import ModelStep
+    from spkft.tui.wizard.steps.review import ReviewStep
+    from spkft.tui.wizard.steps.serve import ServeStep
+    from spkft.tui.wizard.steps.settings import SettingsStep
+    from spkft.tui.wizard.steps.train import TrainStep
+
+    return DataStep, ModelStep, FreezeStep, SettingsStep, ReviewStep, TrainStep, EvaluateStep, ServeStep
+
+
+def new_draft() -> Draft:
+    from spkft.tui.wizard.draft import Draft
+
+    return Draft()
+
+
+class Starting(Screen[None]):
+    """What shows while the steps load: the steps to come, and why there is a wait."""
+
+    def compose(self) -> ComposeResult:
+        yield StepBar(0)
+        with Vertical(id="starting"):
+            yield Static("spkft-tui: from your recordings to a fine-tuned, evaluated and served speaker "
+                         "verifier, in the eight steps above.", classes="intro")
+            yield Static("Loading torch and spkft's model code: a few seconds, longer on the first start "
+                         "after installing.", id="starting-text")
+            yield LoadingIndicator()
+        yield Footer()
 
 
 def finish_summary(draft: Draft) -> list[str]:
@@ -57,9 +90,12 @@ class WizardApp(App[list[str] | None]):
     ]
 
     def __init__(self, draft: Draft | None = None, start: int = 1) -> None:
-        """``start`` is the step (from 1) to open; the draft must hold what the steps before it made."""
+        """``start`` is the step (from 1) to open; the draft must hold what the steps before it made.
+
+        Without a draft, the wizard starts empty, and shows a first screen while its steps load.
+        """
         super().__init__()
-        self.draft = draft if draft is not None else Draft()
+        self.draft: Draft | None = draft
         self.start = start
 
     def on_mount(self) -> None:
@@ -67,9 +103,17 @@ class WizardApp(App[list[str] | None]):
 
     @work(exclusive=True, group="wizard")
     async def walk(self) -> None:
+        if self.draft is None:
+            await self.push_screen(Starting())
+            steps, self.draft = await asyncio.to_thread(lambda: (step_screens(), new_draft()))
+            await self.pop_screen()
+        else:
+            steps = step_screens()
+        from spkft.tui.wizard.steps.serve import stop_server
+
         index = self.start - 1
-        while index < len(STEPS):
-            move = await self.push_screen_wait(STEPS[index](self.draft))
+        while index < len(steps):
+            move = await self.push_screen_wait(steps[index](self.draft))
             index = max(0, index - 1) if move is Move.BACK else index + 1
         lines = finish_summary(self.draft)
         if self.draft.server is not None:
@@ -82,6 +126,8 @@ class WizardApp(App[list[str] | None]):
         self.theme = "textual-light" if self.current_theme.dark else "textual-dark"
 
     def on_unmount(self) -> None:
-        if self.draft.server is not None:
+        if self.draft is not None and self.draft.server is not None:
+            from spkft.tui.wizard.steps.serve import stop_server
+
             stop_server(self.draft.server)
             self.draft.server = None

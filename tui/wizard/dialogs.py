@@ -11,11 +11,13 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Collapsible, Input, Label, Static
 
 from spkft.core.errors import AudioError, CheckpointError, DataError, DeviceError, SpkftError
-from spkft.core.train import ConfigError, TrainingDiverged
 
 
 def advice(error: BaseException) -> str:
     """What a person can do about ``error``."""
+    # Imported here: the wizard's first screen shows before the training code (and torch) has loaded.
+    from spkft.core.train import ConfigError, TrainingDiverged
+
     match error:
         case ConfigError():
             return "Go back to the step that sets each key named above and correct it."

@@ -4,7 +4,7 @@ one place where a failed worker becomes an error dialog."""
 from __future__ import annotations
 
 from enum import Enum
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -14,7 +14,9 @@ from textual.widgets import Button, Footer, Label, Static
 from textual.worker import Worker, WorkerState
 
 from spkft.tui.wizard.dialogs import ErrorDialog
-from spkft.tui.wizard.draft import Draft
+
+if TYPE_CHECKING:
+    from spkft.tui.wizard.draft import Draft
 
 STEP_NAMES = ("Data", "Model", "Freeze", "Settings", "Review", "Train", "Evaluate", "Serve")
 
@@ -60,7 +62,8 @@ class StepScreen(Screen[Move]):
 
     def compose(self) -> ComposeResult:
         yield StepBar(self.NUMBER)
-        with VerticalScroll(id="body"):
+        with VerticalScroll(id="body") as body:
+            body.can_focus = False  # focus starts on the step's first field; the body scrolls to what has focus
             yield Label(f"Step {self.NUMBER} of {len(STEP_NAMES)} · {self.HEADING}", classes="heading")
             yield from self.compose_body()
         with Horizontal(id="nav"):

@@ -13,7 +13,8 @@ from textual.message import Message
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Static
 from textual.worker import Worker, WorkerState
 
-from spkft.core.data import ScanReport, SourceKind, scan, write_demo
+from spkft.core.catalogue import DEMO_BASE
+from spkft.core.data import DEMO_RECORDINGS, DEMO_SPEAKERS, DEMO_TEST_SPEAKERS, ScanReport, SourceKind, scan, write_demo
 from spkft.core.errors import DataError
 from spkft.core.features import SAMPLE_RATE
 from spkft.tui.wizard.dialogs import PromptDialog
@@ -149,6 +150,20 @@ class DataStep(StepScreen):
         write_demo(folder)
         return folder
 
+    def adopt_demo_set(self, folder: str) -> None:
+        """Train on the demo's train/, test on its test/ (voices never trained on), and start from the
+        bundled demo base unless a model has been chosen already: the demo then shows fine-tuning at work."""
+        root = Path(folder)
+        self.draft.set("data.test", root / "test")
+        self.draft.set("data.test_speakers", 0)
+        for field in self.query(Field):
+            if field.key in ("data.test", "data.test_speakers"):
+                field.refresh_value()
+        if self.draft.model is None and not self.draft.is_explicit("model.init") and not self.draft.fresh_model:
+            self.draft.set("model.init", Path(DEMO_BASE))
+        self.query_one("#source", PathField).input.value = str(root / "train")
+        self.start_scan()
+
     def on_scan_progress(self, message: ScanProgress) -> None:
         self.query_one("#scan-progress", ProgressBar).update(total=message.total, progress=message.done)
 
@@ -158,8 +173,7 @@ class DataStep(StepScreen):
         if event.state is not WorkerState.SUCCESS:
             return
         if event.worker.name == "write_demo_set":
-            self.query_one("#source", PathField).input.value = event.worker.result
-            self.start_scan()
+            self.adopt_demo_set(event.worker.result)
         elif event.worker.name == "scan_source":
             self.draft.scanned, self.draft.scan = event.worker.result
             self.query_one("#scan-progress").display = False
@@ -181,9 +195,11 @@ class DataStep(StepScreen):
             self.start_scan()
         elif event.button.id == "demo":
             self.app.push_screen(PromptDialog(
-                "Synthetic demo set", "A small set of generated voices (not real speech) to try the whole "
-                "wizard: 8 speakers × 12 recordings, 16 kHz WAV. Folder to write it to (new or empty):",
-                DEMO_FOLDER), self._demo_folder_chosen)
+                "Synthetic demo set", "Generated voices (not real speech) to try the whole wizard: "
+                f"{DEMO_SPEAKERS} speakers to fine-tune on and {DEMO_TEST_SPEAKERS} others to test on, "
+                f"{DEMO_RECORDINGS} recordings each, 16 kHz WAV. Step 2 then starts from {DEMO_BASE}, a small "
+                "model bundled with spkft that knows real English speech but has never heard these voices. "
+                "Folder to write it to (new or empty):", DEMO_FOLDER), self._demo_folder_chosen)
 
     def _demo_folder_chosen(self, folder: str | None) -> None:
         if folder is not None:

@@ -18,7 +18,7 @@ from textual.validation import Integer
 from textual.widgets import Button, Input, ProgressBar, RadioButton, RadioSet, Select, Static
 from textual.worker import Worker, WorkerState
 
-from spkft.core.catalogue import CATALOGUE, ReleasedModel, cache_record, fetch, partial_path, released
+from spkft.core.catalogue import CATALOGUE, ReleasedModel, availability, fetch, megabytes, released
 from spkft.core.checkpoint import load_model
 from spkft.core.download import DownloadCancelled
 from spkft.core.model import DEFAULT_VARIANT, VARIANTS, build_model, count_parameters
@@ -78,22 +78,11 @@ class WidthField(Field):
         self.draft.config.model.args = {} if width == UPSTREAM_CHANNELS else {"m_channels": width}
 
 
-def cache_state(entry: ReleasedModel) -> str:
-    """Whether the entry is ready to load, as one line."""
-    if cache_record(entry) is not None:
-        return f"downloaded: {entry.cached_path()}"
-    if entry.cached_path().is_file():
-        return f"placed by hand at {entry.cached_path()}: checked when loaded"
-    if partial_path(entry).is_file():
-        got = partial_path(entry).stat().st_size
-        return f"{got / 1e6:.0f} of {entry.size_bytes / 1e6:.0f} MB downloaded: Download resumes"
-    return f"not downloaded yet: Download fetches {entry.size_bytes / 1e6:.0f} MB from ModelScope, once"
-
-
 def entry_details(entry: ReleasedModel) -> str:
-    return (f"{entry.variant} · {entry.parameters / 1e6:.1f} M parameters · {entry.size_bytes / 1e6:.0f} MB · "
+    source = "bundled with spkft, no download" if entry.bundled else f"ModelScope {entry.model_id} @ {entry.revision}"
+    return (f"{entry.variant} · {entry.parameters / 1e6:.1f} M parameters · {megabytes(entry.size_bytes)} · "
             f"licence {entry.licence}\ntrained on {entry.training_data} · {entry.sample_rate_hertz // 1000} kHz\n"
-            f"ModelScope {entry.model_id} @ {entry.revision}\n{cache_state(entry)}")
+            f"{source}\n{availability(entry).describe(entry)}")
 
 
 class DownloadProgress(Message):
@@ -128,11 +117,11 @@ class ModelStep(StepScreen):
 
     def compose_body(self) -> ComposeResult:
         mode = self.mode()
-        yield Static("Fine-tune a released model (3D-Speaker's ERes2NetV2_w24s4ep4 above all): it already knows "
-                     "voices and needs little data. A fresh network starts from random weights and needs "
-                     "thousands of speakers.", classes="intro")
+        yield Static("Fine-tune a released model (3D-Speaker's ERes2NetV2_w24s4ep4 above all; spkft_demo_base, "
+                     "small and bundled, for the demo set): it already knows voices and needs little data. A "
+                     "fresh network starts from random weights and needs thousands of speakers.", classes="intro")
         with RadioSet(id="mode"):
-            yield Option("A released model (downloaded once, then cached)", id="released",
+            yield Option("A released model (bundled, or downloaded once and cached)", id="released",
                               value=mode == "released")
             yield Option("My own checkpoint file", id="pretrained", value=mode == "pretrained")
             yield Option("A fresh network", id="fresh", value=mode == "fresh")
@@ -141,7 +130,7 @@ class ModelStep(StepScreen):
             with RadioSet(id="catalogue"):
                 for entry in CATALOGUE.values():
                     yield Option(f"{entry.name} · {entry.parameters / 1e6:.1f} M · "
-                                      f"{entry.size_bytes / 1e6:.0f} MB", id=f"released-{entry.name}",
+                                      f"{megabytes(entry.size_bytes)}", id=f"released-{entry.name}",
                                       value=entry.name == chosen.name)
             yield Static(id="released-details", markup=False)
             yield ProgressBar(id="download-progress", show_eta=True)
@@ -184,7 +173,7 @@ class ModelStep(StepScreen):
     def ready_to_load(self) -> bool:
         """Whether loading needs no download (a file, or a released model already cached)."""
         entry = released(self.draft.config.model.init)
-        return entry is None or cache_record(entry) is not None or entry.cached_path().is_file()
+        return entry is None or availability(entry).ready
 
     def show_mode(self) -> None:
         mode = self.mode()
