@@ -6,13 +6,21 @@ Everything becomes one mono float32 waveform in [-1, 1] at 16 kHz:
 - raw PCM is little-endian int16 or float32, interleaved, at any rate and channel count;
 - **down-mix rule**: several channels are averaged into one (the mean of all channels), so a
   speaker recorded on either channel of a stereo file is kept;
-- other sample rates are resampled to 16 kHz with ``torchaudio.functional.resample``.
+- other sample rates are resampled to 16 kHz with ``torchaudio.functional.resample``. Its cost
+  grows with the reduced ratio of the two rates, so a rate whose ratio to 16 kHz does not reduce
+  to at most 640 output phases (11.025 kHz's, the costliest common rate) is treated as the nearest
+  multiple of 25 Hz: 16001 Hz as 16000 Hz, a pitch change of at most 0.16 % at 8 kHz, less above;
+- files are decoded block by block and down-mixed as they are read, so memory holds one mono
+  signal, never every channel of a long file; streamed codecs (GSM 6.10, G.72x, NMS-ADPCM,
+  DPCM), which libsndfile can only read forwards, are read the same way.
 
 Audio the model cannot embed raises a typed :class:`~spkft.core.errors.AudioError`: empty,
 undecodable (float samples far outside [-1, 1] included), silent-only (peak below -70 dBFS) or
 shorter than the model's minimum; and, when the caller sets ``max_seconds`` (a server does),
 longer than that — checked from the header or byte count before anything is decoded, so a small
-compressed file cannot expand into hours.
+compressed file cannot expand into hours; and when it sets ``max_samples``, audio holding more
+samples (frames times channels) than that, checked the same way, so a high rate or many channels
+cannot make a short file huge either.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torchaudio.functional as AF
 
 from spkft.core.errors import (
     AudioNotFoundError,
+    AudioTooLargeError,
     AudioTooLongError,
     AudioTooShortError,
     EmptyAudioError,
@@ -48,6 +57,12 @@ SILENCE_PEAK_DBFS = -70.0
 # audio at all — typically integer PCM sent as float32 — and would overflow fbank into NaN.
 MAX_FLOAT_PEAK = 64.0
 MIN_SECONDS = seconds_for_frames(MIN_FRAMES)
+# Frames decoded and down-mixed at a time.
+BLOCK_FRAMES = 1 << 16
+# Resampling cost: rates whose ratio to the target reduces to more output phases than this are
+# moved to the nearest multiple of RATE_GRID_HZ (see resampling_rate).
+MAX_RESAMPLE_PHASES = 640
+RATE_GRID_HZ = 25
 
 AudioSource = Union[str, Path, bytes, bytearray, memoryview, BinaryIO]
 PcmFormat = Literal["int16", "float32"]
@@ -80,12 +95,14 @@ def load_audio(
     start_seconds: float = 0.0,
     stop_seconds: float | None = None,
     max_seconds: float | None = None,
+    max_samples: int | None = None,
 ) -> Waveform:
     """Decode a file path, encoded bytes or a binary file object into a checked :class:`Waveform`.
 
     ``name`` is what error messages call the audio (defaults to the path, or "audio").
     ``start_seconds``/``stop_seconds`` read only that segment (in the source's own time).
-    ``max_seconds``, when given, refuses longer audio with :class:`AudioTooLongError`.
+    ``max_seconds``, when given, refuses longer audio with :class:`AudioTooLongError`, and
+    ``max_samples`` audio of more samples (frames times channels) with :class:`AudioTooLargeError`.
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -106,14 +123,14 @@ def load_audio(
         else:
             opened = source
     try:
-        data, rate = _decode(opened, start_seconds, stop_seconds, name, max_seconds)
+        mono, rate, channels = _decode(opened, start_seconds, stop_seconds, name, max_seconds, max_samples)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         # libsndfile's own words, without "Error opening <what it was given>:" (a buffer's repr for bytes).
         reason = exc.error_string if isinstance(exc, sf.LibsndfileError) else first_line(exc)
         raise UndecodableAudioError(
             f"{name}: not a readable audio file (WAV, FLAC, OGG or MP3 expected): {reason}"
         ) from None
-    return _finish(data, rate, name, min_seconds, max_seconds)
+    return _finish(mono, rate, channels, name, min_seconds, max_seconds)
 
 
 def read_samples(path: str | Path, start_seconds: float = 0.0, stop_seconds: float | None = None) -> np.ndarray:
@@ -121,9 +138,8 @@ def read_samples(path: str | Path, start_seconds: float = 0.0, stop_seconds: flo
 
     For training crops, where a quiet stretch inside a good recording is not an error.
     """
-    data, rate = _decode(str(path), start_seconds, stop_seconds)
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    return resample(np.ascontiguousarray(mono), rate)
+    mono, rate, _ = _decode(str(path), start_seconds, stop_seconds)
+    return resample(mono, rate)
 
 
 def _decode(
@@ -132,17 +148,41 @@ def _decode(
     stop_seconds: float | None,
     name: str = "audio",
     max_seconds: float | None = None,
-) -> tuple[np.ndarray, int]:
-    """``[frames, channels]`` float32 samples of the whole source or the given segment, and the rate."""
+    max_samples: int | None = None,
+) -> tuple[np.ndarray, int, int]:
+    """Mono float32 samples of the whole source or the given segment, its rate and channel count.
+
+    The length is checked from the header before anything is decoded; then the audio is read in
+    blocks, each down-mixed at once, counting what was read in case the header understated it.
+    """
     with sf.SoundFile(opened) as audio:
-        rate = audio.samplerate
+        rate, channels = audio.samplerate, audio.channels
         first = min(int(round(start_seconds * rate)), audio.frames)
-        if first > 0:
-            audio.seek(first)
         # Round both ends on the sample grid, so a segment never reads past its stop.
-        frames = -1 if stop_seconds is None else max(0, int(round(stop_seconds * rate)) - first)
-        _check_not_too_long((audio.frames - first if frames < 0 else frames) / rate, max_seconds, name)
-        return audio.read(frames, dtype="float32", always_2d=True), rate
+        wanted = audio.frames - first if stop_seconds is None else max(0, int(round(stop_seconds * rate)) - first)
+        _check_not_too_long(wanted / rate, max_seconds, name)
+        _check_not_too_large(wanted * channels, max_samples, name)
+        if first > 0:
+            if audio.seekable():
+                audio.seek(first)
+            else:  # a streamed codec: read up to the segment
+                _read_mono(audio, first, channels)
+        mono = _read_mono(audio, wanted, channels)
+        _check_not_too_long(len(mono) / rate, max_seconds, name)
+        return mono, rate, channels
+
+
+def _read_mono(audio: sf.SoundFile, frames: int, channels: int) -> np.ndarray:
+    """Up to ``frames`` frames from where ``audio`` stands, channels averaged block by block."""
+    out = np.empty(frames, dtype=np.float32)
+    done = 0
+    while done < frames:
+        block = audio.read(min(BLOCK_FRAMES, frames - done), dtype="float32", always_2d=True)
+        if not len(block):
+            break
+        out[done:done + len(block)] = block[:, 0] if channels == 1 else block.mean(axis=1, dtype=np.float32)
+        done += len(block)
+    return out[:done]
 
 
 def decode_pcm(
@@ -153,6 +193,7 @@ def decode_pcm(
     name: str = "audio",
     min_seconds: float = MIN_SECONDS,
     max_seconds: float | None = None,
+    max_samples: int | None = None,
 ) -> Waveform:
     """Interpret raw little-endian interleaved PCM bytes as a checked :class:`Waveform`."""
     dtypes = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
@@ -172,12 +213,15 @@ def decode_pcm(
             f"of {channel_count} channel(s) ({frame_bytes} bytes each)"
         )
     _check_not_too_long(len(samples) / frame_bytes / sample_rate_hertz, max_seconds, name)
+    _check_not_too_large(len(samples) // dtype.itemsize, max_samples, name)
     data = np.frombuffer(samples, dtype=dtype).reshape(-1, channel_count)
+    if not np.isfinite(data).all():  # before the mean, where an infinity could become a NaN or hide
+        raise UndecodableAudioError(f"{name}: the audio holds NaN or infinite samples")
+    # Down-mixed straight from the buffer: no float copy of every channel.
+    mono = data.mean(axis=1, dtype=np.float32) if channel_count > 1 else data[:, 0].astype(np.float32)
     if sample_format == "int16":
-        data = data.astype(np.float32) / 32768.0
-    else:
-        data = data.astype(np.float32)
-    return _finish(data, sample_rate_hertz, name, min_seconds, max_seconds)
+        mono /= 32768.0
+    return _finish(mono, sample_rate_hertz, channel_count, name, min_seconds, max_seconds)
 
 
 def _check_not_too_long(seconds: float, max_seconds: float | None, name: str) -> None:
@@ -185,14 +229,19 @@ def _check_not_too_long(seconds: float, max_seconds: float | None, name: str) ->
         raise AudioTooLongError(f"{name}: {seconds:.2f} s of audio is too long; at most {max_seconds:g} s is accepted")
 
 
-def _finish(data: np.ndarray, rate: int, name: str, min_seconds: float, max_seconds: float | None = None) -> Waveform:
-    """Down-mix, check and resample decoded ``[frames, channels]`` float samples."""
-    channels = data.shape[1] if data.ndim == 2 else 1
-    if data.size == 0:
+def _check_not_too_large(samples: int, max_samples: int | None, name: str) -> None:
+    if max_samples is not None and samples > max_samples:
+        raise AudioTooLargeError(f"{name}: {samples:,} samples (frames times channels) is too much audio; "
+                                 f"at most {max_samples:,} are accepted")
+
+
+def _finish(mono: np.ndarray, rate: int, channels: int, name: str, min_seconds: float,
+            max_seconds: float | None = None) -> Waveform:
+    """Check and resample decoded mono float samples."""
+    if mono.size == 0:
         raise EmptyAudioError(f"{name}: the audio holds no samples")
-    if not np.isfinite(data).all():
+    if not np.isfinite(mono).all():
         raise UndecodableAudioError(f"{name}: the audio holds NaN or infinite samples")
-    mono = data.mean(axis=1, dtype=np.float32) if channels > 1 else data.reshape(-1)
     duration = len(mono) / rate
     if duration < min_seconds:
         raise AudioTooShortError(
@@ -214,9 +263,19 @@ def _finish(data: np.ndarray, rate: int, name: str, min_seconds: float, max_seco
     return Waveform(np.ascontiguousarray(mono, dtype=np.float32), rate, channels)
 
 
+def resampling_rate(rate: int, target_rate: int = SAMPLE_RATE) -> int:
+    """The rate samples at ``rate`` are resampled as: ``rate`` itself where that is cheap, else the
+    nearest multiple of :data:`RATE_GRID_HZ`, whose ratio to the target has at most
+    :data:`MAX_RESAMPLE_PHASES` phases (the target is a multiple of the grid)."""
+    if target_rate // math.gcd(rate, target_rate) <= MAX_RESAMPLE_PHASES:
+        return rate
+    return max(RATE_GRID_HZ, round(rate / RATE_GRID_HZ) * RATE_GRID_HZ)
+
+
 def resample(samples: np.ndarray, rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Band-limited resampling of mono float samples (torchaudio's windowed sinc)."""
+    """Band-limited resampling of mono float samples (torchaudio's windowed sinc), at a bounded cost."""
+    rate = resampling_rate(rate, target_rate)
     if rate == target_rate:
-        return samples
+        return np.ascontiguousarray(samples, dtype=np.float32)
     out = AF.resample(torch.from_numpy(np.ascontiguousarray(samples)), rate, target_rate)
     return out.numpy()

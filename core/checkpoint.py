@@ -111,6 +111,11 @@ def embedding_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tenso
         )
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        # A diverged or corrupted model would embed everything as NaN, which no caller can use.
+        raise CheckpointError(f"the weights hold NaN or infinite values ({len(broken)} tensor(s), first "
+                              f"{', '.join(broken[:3])}); use an earlier checkpoint of the run")
     return tensors
 
 

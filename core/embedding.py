@@ -25,7 +25,7 @@ import torch
 from spkft.core.adaptation import Adaptation, AdaptedModel
 from spkft.core.audio import AudioSource, Waveform, load_audio
 from spkft.core.checkpoint import load_model
-from spkft.core.errors import DeviceError
+from spkft.core.errors import DeviceError, NonFiniteEmbeddingError
 from spkft.core.features import FEATURE_DIM, FRAME_SHIFT_MS, fbank
 from spkft.core.model import ERes2NetV2, check_frames
 from spkft.core.scoring import l2_normalise
@@ -96,7 +96,11 @@ class SpeakerEmbedder(ABC):
         if features.dim() != 3 or features.shape[-1] != FEATURE_DIM:
             raise ValueError(f"expected features [batch, frames, {FEATURE_DIM}], got {list(features.shape)}")
         check_frames(features.shape[1])
-        return self._forward(features)
+        out = self._forward(features)
+        if not np.isfinite(out).all():  # the input is finite fbank, so the model itself is broken
+            raise NonFiniteEmbeddingError("the model produced NaN or infinite embeddings: its weights are broken "
+                                          "(a diverged run or a damaged file)")
+        return out
 
     def embed_batch(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
         """L2-normalised embeddings ``[batch, dim]`` of equally long mean-normalised fbank ``[batch, frames, 80]``."""

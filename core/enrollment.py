@@ -12,19 +12,25 @@ The store records the embedding dimension and an identifier of the model that ma
 embeddings; opening it for another model raises :class:`EnrollmentError` instead of comparing
 embeddings from different spaces.
 
-One process owns a store file: identification runs on an in-memory matrix of every speaker's
-embedding, kept in step with the writes this object makes. Replicas that share enrollments need
-a server database instead (see DESIGN.md, "Scale"). All methods are thread-safe.
+One owner per store file: identification runs on an in-memory matrix of every speaker's
+embedding, kept in step with the writes this object makes, so a second writer would leave the two
+views disagreeing about who is enrolled. An open store therefore holds an exclusive lock on
+``<file>.lock`` (``flock``, released when the store closes or its process dies, ``kill -9``
+included), and opening a store that another one holds raises :class:`EnrollmentError`. Replicas
+that share enrollments need a server database instead (see DESIGN.md, "Scale"). All methods are
+thread-safe.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from spkft.core.embedding import l2_normalise
 from spkft.core.errors import EnrollmentError, UnknownSpeakerError
@@ -58,12 +64,36 @@ class SpeakerMatch:
 
 
 def check_speaker_id(speaker_id: str) -> str:
-    """The identifier itself, or :class:`EnrollmentError` when it is empty, blank or too long."""
+    """The identifier itself, or :class:`EnrollmentError` when it is empty, invisible, holds a
+    control character or is too long."""
     if not speaker_id or not speaker_id.strip():
         raise EnrollmentError("speaker_id must not be empty")
+    # Separators (Z*) and format or control characters (C*: U+200B, U+FEFF, ...) show nothing.
+    if all(unicodedata.category(c)[0] in "ZC" for c in speaker_id):
+        raise EnrollmentError("speaker_id must hold a visible character; it has only spaces or invisible ones")
+    control = next((c for c in speaker_id if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise EnrollmentError(f"speaker_id must not hold control characters (it holds U+{ord(control):04X})")
     if len(speaker_id) > MAX_SPEAKER_ID_LENGTH:
         raise EnrollmentError(f"speaker_id is {len(speaker_id)} characters; at most {MAX_SPEAKER_ID_LENGTH} are allowed")
     return speaker_id
+
+
+def _own(path: Path) -> FileLock:
+    """The store's exclusive lock, taken now; :class:`EnrollmentError` when another store holds it."""
+    lock_path = path.with_name(path.name + ".lock")
+    # Not thread-local: a server may close its store from another thread than the one that opened it.
+    owner = FileLock(lock_path, thread_local=False)
+    try:
+        owner.acquire(timeout=0)
+    except Timeout:
+        raise EnrollmentError(
+            f"{path}: the enrollment store is in use by another server or process (it holds {lock_path}); "
+            "one server owns a SQLite store: stop the other one, or give this one its own --enroll-db file"
+        ) from None
+    except OSError as exc:
+        raise EnrollmentError(f"{path}: cannot lock the enrollment store ({lock_path}): {exc.strerror or exc}") from None
+    return owner
 
 
 class EnrollmentStore:
@@ -75,10 +105,12 @@ class EnrollmentStore:
         self.model = model
         self.embedding_dim = embedding_dim
         self._lock = threading.Lock()
+        self._owner = _own(self.path)
         try:
             # Autocommit mode: every write below opens its own explicit transaction.
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
+            self._owner.release()
             raise EnrollmentError(f"{self.path}: cannot open the enrollment store: {exc}") from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -88,6 +120,7 @@ class EnrollmentStore:
             rows = self._db.execute("SELECT speaker_id, embedding_sum FROM speakers ORDER BY speaker_id").fetchall()
         except BaseException as exc:
             self._db.close()
+            self._owner.release()
             if isinstance(exc, sqlite3.Error):
                 raise EnrollmentError(f"{self.path}: not a usable enrollment store: {exc}") from None
             raise
@@ -190,6 +223,7 @@ class EnrollmentStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._owner.release()
 
     def _set_row(self, speaker_id: str, vector: np.ndarray) -> None:
         row = self._rows.get(speaker_id)

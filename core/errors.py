@@ -47,12 +47,20 @@ class AudioTooLongError(AudioError):
     """The audio is longer than the caller accepts (a server's duration limit)."""
 
 
+class AudioTooLargeError(AudioError):
+    """The audio holds more samples than the caller accepts (a server's bound on decoded size)."""
+
+
 class InputTooShortError(SpkftError):
     """A feature sequence with fewer frames than the model's statistics pooling needs."""
 
 
 class CheckpointError(SpkftError):
     """A checkpoint that is missing, unreadable, or does not fit the model."""
+
+
+class NonFiniteEmbeddingError(SpkftError):
+    """The model gave NaN or infinite numbers for finite input: the model file is broken."""
 
 
 class DeviceError(SpkftError):

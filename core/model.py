@@ -78,11 +78,27 @@ def model_config(variant: str = DEFAULT_VARIANT, **overrides) -> ERes2NetV2Confi
         raise ValueError(
             f"unknown model argument(s) {', '.join(unknown)}; valid ones: {', '.join(sorted(known))}"
         )
-    if "num_blocks" in overrides:
-        overrides["num_blocks"] = tuple(overrides["num_blocks"])
     base = VARIANTS[variant].to_dict() | overrides
+    problems = [f"{name} must be a whole number of at least 1, got {base[name]!r}"
+                for name in ("m_channels", "feat_dim", "embedding_size", "baseWidth", "scale", "expansion")
+                if not _positive_int(base[name])]
+    blocks = base["num_blocks"]
+    if not (isinstance(blocks, (list, tuple)) and len(blocks) == 4 and all(_positive_int(n) for n in blocks)):
+        problems.append(f"num_blocks must be 4 whole numbers of at least 1, got {blocks!r}")
+    if not isinstance(base["two_emb_layer"], bool):
+        problems.append(f"two_emb_layer must be true or false, got {base['two_emb_layer']!r}")
+    if not problems and base["m_channels"] * base["baseWidth"] < 64:
+        # Each branch of the first stage is floor(m_channels * baseWidth / 64) channels wide.
+        problems.append(f"m_channels {base['m_channels']} is too narrow for baseWidth {base['baseWidth']}: "
+                        f"m_channels x baseWidth must be at least 64")
+    if problems:
+        raise ValueError("; ".join(problems))
     base["num_blocks"] = tuple(base["num_blocks"])
     return ERes2NetV2Config(**base)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def build_model(variant: str = DEFAULT_VARIANT, **overrides) -> ERes2NetV2:

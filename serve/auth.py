@@ -1,7 +1,8 @@
 """Bearer-token authentication as a server interceptor.
 
-A call must carry ``authorization: Bearer <token>`` metadata, else it ends with UNAUTHENTICATED
-before reaching the service. ``grpc.health.v1.Health`` stays open, so load balancers and
+A call must carry one ``authorization: Bearer <token>`` metadata entry (the scheme's name in any
+case, as RFC 6750 allows), else it ends with UNAUTHENTICATED before reaching the service; a call
+with two ``authorization`` entries is refused whatever they hold. ``grpc.health.v1.Health`` stays open, so load balancers and
 orchestrators can probe a server without holding its token; reflection is behind the token like
 the service itself.
 """
@@ -22,20 +23,30 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("the token must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         service = handler_call_details.method.lstrip("/").split("/", 1)[0]
         if service in OPEN_SERVICES:
             return continuation(handler_call_details)
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization")
-        if given is not None and hmac.compare_digest(given.encode(), self._expected):
+        given = [value for key, value in handler_call_details.invocation_metadata or () if key == "authorization"]
+        if len(given) == 1 and self._accepts(given[0]):
             return continuation(handler_call_details)
-        message = "wrong bearer token" if given else "missing bearer token (metadata authorization: Bearer <token>)"
+        if len(given) > 1:
+            message = "more than one authorization entry; send exactly one"
+        elif given:
+            message = "wrong bearer token"
+        else:
+            message = "missing bearer token (metadata authorization: Bearer <token>)"
         handler = continuation(handler_call_details)
         if handler is None:  # an unknown method: refused too, so it reveals nothing without the token
             return _refusal(False, False, message)
         return _refusal(handler.request_streaming, handler.response_streaming, message)
+
+    def _accepts(self, value: str | bytes) -> bool:
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        scheme, _, credentials = text.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self._expected)
 
 
 def _refusal(request_streaming: bool, response_streaming: bool, message: str) -> grpc.RpcMethodHandler:

@@ -14,7 +14,8 @@ Shape of a running server:
   between), reflection, bearer-token auth (:mod:`spkft.serve.auth`) and TLS when configured;
 - a request is at most ``max_audio_seconds`` of 48 kHz stereo 16-bit audio (192,000 bytes a
   second) plus 1 MiB; gRPC refuses larger messages with RESOURCE_EXHAUSTED before they are read.
-  Audio longer than ``max_audio_seconds`` is INVALID_ARGUMENT, found from its header.
+  Audio longer than ``max_audio_seconds``, or holding more samples (frames times channels) than
+  that much 48 kHz stereo, is INVALID_ARGUMENT, found from its header before it is decoded.
 
 Enrollments live in SQLite (:class:`~spkft.core.enrollment.EnrollmentStore`), tied to the served
 model by the SHA-256 of its file.
@@ -42,12 +43,12 @@ from spkft.core.errors import SpkftError
 from spkft.core.onnx_model import OnnxEmbedder, engine_choice_problems
 from spkft.serve.auth import BearerTokenInterceptor
 from spkft.serve.batching import BatchedEmbedder, Batcher
-from spkft.serve.service import SERVICE_NAME, ServedModel, SpeakerService
+from spkft.serve.service import MAX_SAMPLES_PER_SECOND, SERVICE_NAME, ServedModel, SpeakerService
 from spkft.serve.v1 import speaker_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-BYTES_PER_AUDIO_SECOND = 48_000 * 2 * 2  # 48 kHz, stereo, 16-bit
+BYTES_PER_AUDIO_SECOND = MAX_SAMPLES_PER_SECOND * 2  # 48 kHz, stereo, 16-bit
 MESSAGE_OVERHEAD_BYTES = 1 << 20
 
 
@@ -90,6 +91,8 @@ class ServerConfig:
     def check(self) -> None:
         """Raise :class:`ServerError` naming every setting that cannot work."""
         problems = []
+        if self.auth_token is not None and not self.auth_token.strip():
+            problems.append("the auth token is empty: give a token, or leave --auth-token out to serve without one")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeakerService"].full_name
 MAX_TOP_K = 1000
+# A request's audio is at most 48 kHz stereo: samples (frames times channels) per second of it.
+MAX_SAMPLES_PER_SECOND = 48_000 * 2
 _PCM_FORMATS = {pb.SAMPLE_FORMAT_INT16: "int16", pb.SAMPLE_FORMAT_FLOAT32: "float32"}
 
 
@@ -90,6 +92,9 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
 
     def __init__(self, max_audio_seconds: float) -> None:
         self.max_audio_seconds = max_audio_seconds
+        # Decoded audio is bounded like a message: no more samples (frames times channels) than
+        # max_audio_seconds of 48 kHz stereo, however small its encoding.
+        self.max_samples = int(max_audio_seconds * MAX_SAMPLES_PER_SECOND)
         self._model: ServedModel | None = None
 
     def serve(self, model: ServedModel) -> None:
@@ -184,7 +189,8 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
         if source is None:
             raise InvalidRequestError(f"{name} holds no audio: set content or pcm")
         if source == "content":
-            return load_audio(audio.content, name=name, max_seconds=self.max_audio_seconds)
+            return load_audio(audio.content, name=name, max_seconds=self.max_audio_seconds,
+                              max_samples=self.max_samples)
         pcm = audio.pcm
         if pcm.format not in _PCM_FORMATS:
             # proto3 enums are open: a newer client may send a number this server has no name for.
@@ -197,6 +203,7 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
             pcm.channel_count or 1,
             name=f"{name}.pcm",
             max_seconds=self.max_audio_seconds,
+            max_samples=self.max_samples,
         )
 
 

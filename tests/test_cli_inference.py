@@ -6,10 +6,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from spkft.core import __version__
 from spkft.core.embedding import Embedder
+from spkft.core.errors import NonFiniteEmbeddingError
 from spkft.tui.cli import app
 from spkft.tui.cli.output import score_against
 
@@ -127,3 +129,22 @@ def test_a_score_and_its_threshold_print_with_enough_digits_to_differ():
     assert score_against(0.70000004, 0.7) == ("0.70000004", "0.70000000")
     assert score_against(0.7, 0.7) == ("0.7000", "0.7000")
     assert score_against(0.7, 0.7000000001) == ("0.7000", "0.7000")  # alike to 8 decimals: alike
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_and_no_nan_is_printed(recordings, tiny_checkpoint, tmp_path):
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    torch.save(state, tmp_path / "nan.ckpt")
+    result = run("embed", recordings[0], "-c", tmp_path / "nan.ckpt")
+    assert result.exit_code == 1 and "NaN" not in result.stdout
+    assert result.stderr.count("\n") == 1 and "the weights hold NaN or infinite values" in result.stderr
+
+
+def test_an_embedder_never_returns_a_non_finite_embedding(tiny_checkpoint):
+    embedder = Embedder.from_checkpoint(tiny_checkpoint)
+    features = torch.randn(1, 200, 80)
+    with torch.no_grad():
+        next(embedder.model.parameters()).fill_(float("inf"))  # broken after loading, as a damaged export would be
+    with pytest.raises(NonFiniteEmbeddingError, match="NaN or infinite embeddings"):
+        embedder.embed_batch(features)

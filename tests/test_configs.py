@@ -214,3 +214,39 @@ def test_print_config_gives_back_the_same_config(path, tmp_path):
     assert load_config(printed) == resolve_recipe(load_config(path, overrides))[0]
     if load_config(path).recipe is not None:
         assert result.stdout.startswith("# recipe ")
+
+
+# ------------------------------------------------------------------------------ hostile configs
+@pytest.mark.parametrize("args, message", [
+    ("{m_channels: 0}", "m_channels must be a whole number of at least 1, got 0"),
+    ("{m_channels: -8}", "m_channels must be a whole number of at least 1, got -8"),
+    ("{m_channels: 2}", "m_channels x baseWidth must be at least 64"),
+    ("{num_blocks: [3, 0, 6, 3]}", "num_blocks must be 4 whole numbers of at least 1"),
+    ("{embedding_size: true}", "embedding_size must be a whole number"),
+])
+def test_a_model_that_cannot_be_built_is_refused_before_training(tmp_path, args, message):
+    problems = problems_of(written(tmp_path, f"model:\n  variant: eres2netv2\n  args: {args}\n"))
+    assert len(problems) == 1 and problems[0].startswith("model.args: ") and message in problems[0]
+
+
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path):
+    problems = problems_of(written(tmp_path, "run:\n  epochs: 3\n  epochs: 4\n"))
+    assert len(problems) == 1 and "the key 'epochs' is given twice" in problems[0] and "line 3" in problems[0]
+    problems = problems_of(written(tmp_path, "run:\n  epochs: 3\nrun:\n  seed: 1\n"))
+    assert "the key 'run' is given twice" in problems[0]
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("optim:\n  lr: 0.01  # café\n".encode("latin-1"))
+    problems = problems_of(path)
+    assert problems == [f"{path}: not UTF-8 text (the byte at offset 24 cannot be decoded); save it as UTF-8"]
+
+
+def test_a_yaml_tag_in_a_model_argument_is_one_line_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    result = runner.invoke(app, ["train", "--model-arg", f"m_channels=!!python/object/apply:os.system ['touch {marker}']",
+                                 "--print-config"])
+    assert result.exit_code == 1 and not marker.exists()
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: 1 problem(s) in the configuration: ")
+    assert "--model-arg" in result.stderr and "not a plain YAML value" in result.stderr

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -76,11 +80,19 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path):
         EnrollmentStore(tmp_path / "e.sqlite", "model-a", DIM)
 
 
-@pytest.mark.parametrize("speaker_id", ["", "   ", "x" * 257])
+@pytest.mark.parametrize("speaker_id", ["", "   ", "x" * 257, "\u200b", "\ufeff\u200b", " \u200b\u00a0", "a\nb",
+                                        "bob\x00"])
 def test_bad_speaker_ids_are_refused(tmp_path, speaker_id):
     store = EnrollmentStore(tmp_path / "e.sqlite", "model-a", DIM)
     with pytest.raises(EnrollmentError, match="speaker_id"):
         store.enroll(speaker_id, np.ones(DIM))
+
+
+def test_names_in_any_script_are_speaker_ids(tmp_path):
+    store = EnrollmentStore(tmp_path / "e.sqlite", "model-a", DIM)
+    for name in ("Zoë", "李雷", "أحمد", "o'brien-2"):
+        assert store.enroll(name, np.ones(DIM)) == 1
+    assert len(store) == 4
 
 
 def test_embeddings_of_the_wrong_size_are_refused(tmp_path):
@@ -105,3 +117,37 @@ def test_concurrent_enrollments_all_count(tmp_path):
         thread.join()
     assert store.speakers()[0].utterance_count == 40
     np.testing.assert_allclose(store.embedding("alice"), l2_normalise(vectors.astype(np.float64).mean(axis=0)), atol=1e-6)
+
+
+def test_a_second_store_on_the_same_file_is_refused_until_the_first_closes(tmp_path):
+    first = EnrollmentStore(tmp_path / "e.sqlite", "model-a", DIM)
+    first.enroll("alice", np.ones(DIM))
+    with pytest.raises(EnrollmentError, match="in use by another server or process"):
+        EnrollmentStore(tmp_path / "e.sqlite", "model-a", DIM)
+    first.close()
+    second = EnrollmentStore(tmp_path / "e.sqlite", "model-a", DIM)
+    assert [s.speaker_id for s in second.speakers()] == ["alice"]
+    second.close()
+    # A refused open (another model) leaves the file free for the right one.
+    with pytest.raises(EnrollmentError, match="another model"):
+        EnrollmentStore(tmp_path / "e.sqlite", "model-b", DIM)
+    EnrollmentStore(tmp_path / "e.sqlite", "model-a", DIM).close()
+
+
+def test_a_store_held_by_another_process_is_refused_and_freed_when_it_is_killed(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from spkft.core.enrollment import EnrollmentStore
+            store = EnrollmentStore({str(tmp_path / "e.sqlite")!r}, "model-a", {DIM})
+            print("open", flush=True)
+            time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(EnrollmentError, match="in use by another server or process"):
+            EnrollmentStore(tmp_path / "e.sqlite", "model-a", DIM)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # as a crash would: no chance to unlock
+        holder.wait(timeout=60)
+    EnrollmentStore(tmp_path / "e.sqlite", "model-a", DIM).close()

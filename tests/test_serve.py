@@ -27,12 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from typer.testing import CliRunner
 
+from spkft.core.errors import EnrollmentError
 from spkft.core.export import export_onnx
 from spkft.core.onnx_model import OnnxEmbedder
 from spkft.serve import codegen
 from spkft.serve.batching import Batcher, BatcherClosedError
 from spkft.serve.client import ServiceError, SpeakerClient
-from spkft.serve.server import ServerConfig, SpeakerServer, create_server
+from spkft.serve.server import ServerConfig, ServerError, SpeakerServer, create_server
 from spkft.serve.service import SERVICE_NAME
 from spkft.serve.v1 import speaker_service_pb2 as pb
 from spkft.serve.v1 import speaker_service_pb2_grpc as pb_grpc
@@ -145,6 +146,16 @@ def test_health_is_not_serving_until_the_model_is_loaded(tmp_path, model_file, o
         server.drain(0)
 
 
+def test_a_second_server_on_the_same_enrollment_store_is_refused(server, model_file, onnx_embedder):
+    second = create_server(ServerConfig(model=model_file, port=0, enroll_db=server.config.enroll_db))
+    second.start()
+    try:
+        with pytest.raises(EnrollmentError, match="in use by another server or process"):
+            second.load(onnx_embedder)
+    finally:
+        second.drain(0)
+
+
 def test_reflection_lists_the_services(server):
     with grpc.insecure_channel(server.address) as channel:
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -241,6 +252,9 @@ BAD_AUDIO = {
                               "outside [-1, 1]"),
     "odd byte count": (pcm(b"\x01\x02\x03"), "not a whole number"),
     "no sample rate": (pcm(np.ones(16000, "<i2").tobytes(), rate=0), "sample rate must be positive"),
+    # 2 s, yet more samples than MAX_AUDIO_SECONDS of 48 kHz stereo: refused from the header.
+    "8 channels at 192 kHz": (pb.Audio(content=wav_bytes(np.tile(tone(2.0, 192_000)[:, None], (1, 8)), 192_000, "FLAC")),
+                              "too much audio"),
 }
 
 
@@ -248,6 +262,14 @@ BAD_AUDIO = {
 def test_bad_audio_is_invalid_argument(stub, audio, message):
     code, details = status_of(lambda: stub.Embed(pb.EmbedRequest(audio=audio)))
     assert code == CODE.INVALID_ARGUMENT and message in details
+    assert " at 0x" not in details  # no Python object's address (of a buffer, say) leaks out
+
+
+def test_an_odd_sample_rate_embeds_like_its_round_neighbour(stub):
+    one = (tone(1.0, 16_000) * 32767).astype("<i2").tobytes()
+    at_16000 = stub.Embed(pb.EmbedRequest(audio=pcm(one, rate=16_000))).embedding
+    at_16001 = stub.Embed(pb.EmbedRequest(audio=pcm(one, rate=16_001))).embedding
+    assert float(np.dot(at_16000, at_16001)) > 0.999
 
 
 BAD_REQUESTS = {
@@ -471,6 +493,32 @@ def test_bearer_token_over_tls(secure_server, tls_files, clips, token, code):
             with pytest.raises(ServiceError) as caught:
                 client.info()
             assert caught.value.code == code and "bearer token" in caught.value.details
+
+
+@pytest.mark.parametrize("metadata, code", [
+    ((("authorization", "bearer s3cret"),), None),  # the scheme's name in any case (RFC 6750)
+    ((("authorization", "BEARER s3cret"),), None),
+    ((("authorization", "Basic s3cret"),), CODE.UNAUTHENTICATED),
+    ((("authorization", "Bearer s3cret"), ("authorization", "Bearer s3cret")), CODE.UNAUTHENTICATED),
+    ((("authorization", "Bearer wrong"), ("authorization", "Bearer s3cret")), CODE.UNAUTHENTICATED),
+])
+def test_the_bearer_scheme_and_one_authorization_entry(secure_server, tls_files, metadata, code):
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls_files[0].read_bytes())
+    with grpc.secure_channel(secure_server.address, credentials) as channel:
+        stub = pb_grpc.SpeakerServiceStub(channel)
+        if code is None:
+            assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata).model_name == "tiny"
+        else:
+            got, details = status_of(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata))
+            assert got == code and (len(metadata) == 1 or "more than one authorization" in details)
+
+
+def test_an_empty_auth_token_is_refused_not_taken_as_no_auth(model_file, tmp_path):
+    with pytest.raises(ServerError, match="the auth token is empty"):
+        create_server(ServerConfig(model=model_file, port=0, enroll_db=tmp_path / "e.sqlite", auth_token=""))
+    result = CliRunner().invoke(app, ["serve", "--model", str(model_file), "--auth-token", "",
+                                      "--enroll-db", str(tmp_path / "e.sqlite")])
+    assert result.exit_code != 0 and "the auth token is empty" in result.output
 
 
 def test_health_needs_no_token_but_reflection_does(secure_server, tls_files):

@@ -236,17 +236,44 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML says keys are unique;
+    PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong with a YAML text, in one line."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{error.problem or error.context}{where}"
+    return str(error).splitlines()[0]
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML config (or start from defaults), apply dotted-key overrides, validate all at once."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_bytes().decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 (a safe loader)
         except OSError as exc:
             raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path}: not UTF-8 text (the byte at offset {exc.start} cannot be decoded); save it as UTF-8"]) from None
         except yaml.YAMLError as exc:
-            raise ConfigError([f"{path}: not valid YAML ({str(exc).splitlines()[0]})"]) from None
+            raise ConfigError([f"{path}: not valid YAML ({yaml_problem(exc)})"]) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"{path}: expected a mapping of sections, found {type(loaded).__name__}"])
         tree = loaded or {}

@@ -57,7 +57,7 @@ def serve(
     """Serve speaker embedding, verification, enrollment and identification over gRPC until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
-        model=model, host=host, port=port, auth_token=auth_token or None, tls_cert=tls_cert, tls_key=tls_key,
+        model=model, host=host, port=port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
         enroll_db=enroll_db, max_audio_seconds=max_audio_seconds, threshold=threshold, engine=engine.value,
         precision=precision.value, threads=threads,
         workers=workers, max_queue=max_queue, grace_seconds=grace_seconds,

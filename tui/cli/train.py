@@ -26,7 +26,7 @@ from spkft.core.train import (
     load_config,
 )
 from spkft.core.catalogue import released
-from spkft.core.train.config import FREEZE_PRESETS
+from spkft.core.train.config import FREEZE_PRESETS, yaml_problem
 from spkft.core.train.plausible import implausible
 from spkft.core.train.recipes import resolve_recipe
 from spkft.tui.cli.models import fetch_shown
@@ -43,7 +43,10 @@ def _model_args(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--model-arg")
-        args[key.strip()] = yaml.safe_load(value)
+        try:
+            args[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"--model-arg {pair!r}: the value is not a plain YAML value ({yaml_problem(exc)})"]) from None
     return args
 
 
