@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import signal
+import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,8 @@ from spkft.serve.v1 import speaker_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+# Audio one call may carry in all, in multiples of the limit per recording (unless set).
+CALL_SECONDS_PER_AUDIO_SECONDS = 5
 BYTES_PER_AUDIO_SECOND = MAX_SAMPLES_PER_SECOND * 2  # 48 kHz, stereo, 16-bit
 MESSAGE_OVERHEAD_BYTES = 1 << 20
 
@@ -68,6 +71,8 @@ class ServerConfig:
     tls_key: Path | None = None
     enroll_db: Path = Path("enrollments.sqlite")
     max_audio_seconds: float = 60.0
+    max_recordings: int = 32  # per EnrollSpeaker call
+    max_call_seconds: float | None = None  # audio in one call, all recordings together; 5 x max_audio_seconds
     threshold: float | None = None
     engine: str = "auto"
     precision: str = "auto"
@@ -99,7 +104,10 @@ class ServerConfig:
             problems.append(f"the threshold must be in [-1, 1], got {self.threshold}")
         if self.max_audio_seconds <= 0:
             problems.append(f"the audio limit must be positive, got {self.max_audio_seconds} s")
-        for name in ("workers", "max_queue", "max_batch", "handler_threads"):
+        if self.max_call_seconds is not None and self.max_call_seconds < self.max_audio_seconds:
+            problems.append(f"the audio limit per call ({self.max_call_seconds:g} s) must be at least the limit per "
+                            f"recording ({self.max_audio_seconds:g} s)")
+        for name in ("workers", "max_queue", "max_batch", "handler_threads", "max_recordings"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         problems += engine_choice_problems(self.engine, self.precision)
@@ -115,7 +123,8 @@ class SpeakerServer:
     def __init__(self, config: ServerConfig) -> None:
         config.check()
         self.config = config
-        self.service = SpeakerService(config.max_audio_seconds)
+        self.service = SpeakerService(config.max_audio_seconds, config.max_recordings,
+                                      config.max_call_seconds or CALL_SECONDS_PER_AUDIO_SECONDS * config.max_audio_seconds)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._handlers = ThreadPoolExecutor(max_workers=config.handler_threads, thread_name_prefix="spkft-rpc")
@@ -150,6 +159,7 @@ class SpeakerServer:
             if self.config.tls_cert is None:
                 port = self._grpc.add_insecure_port(address)
             else:
+                check_tls_files(self.config.tls_cert, self.config.tls_key)
                 credentials = grpc.ssl_server_credentials(
                     [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
                 )
@@ -204,6 +214,26 @@ class SpeakerServer:
         if self._store is not None:
             self._store.close()
         self._handlers.shutdown(wait=False)
+
+
+def check_tls_files(cert: Path, key: Path) -> None:
+    """Raise :class:`ServerError` saying what is wrong with a certificate and key that cannot serve TLS.
+
+    grpc reports any such problem as a failed bind; OpenSSL, through :mod:`ssl`, says which it is.
+    """
+    for what, path in (("certificate", cert), ("key", key)):
+        if not path.is_file():
+            raise ServerError(f"TLS {what} {path}: no such file")
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError):
+        raise ServerError(f"TLS: {cert} is not a PEM certificate") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in (exc.reason or str(exc)).upper():
+            raise ServerError(f"TLS: the key {key} does not belong to the certificate {cert}") from None
+        raise ServerError(f"TLS: {key} is not a PEM private key (or it is protected by a passphrase)") from None
 
 
 def create_server(config: ServerConfig) -> SpeakerServer:

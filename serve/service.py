@@ -45,6 +45,16 @@ class NotReadyError(Exception):
     """The model is not loaded yet."""
 
 
+class CallEndedError(Exception):
+    """The client cancelled the call or its deadline passed: the rest of the work is not done."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        self.code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                     else grpc.StatusCode.CANCELLED)
+        super().__init__("the call ended (deadline passed or cancelled) before its work was done; nothing was stored")
+
+
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``; unexpected errors are logged here."""
     if isinstance(exc, UnknownSpeakerError):
@@ -55,6 +65,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, (NotReadyError, BatcherClosedError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, CallEndedError):
+        return exc.code, str(exc)
     reference = uuid.uuid4().hex[:12]
     log.error("internal error %s", reference, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal server error (logged on the server as {reference})"
@@ -90,8 +102,12 @@ class ServedModel:
 class SpeakerService(pb_grpc.SpeakerServiceServicer):
     """The RPCs; UNAVAILABLE until :meth:`serve` is given the loaded model."""
 
-    def __init__(self, max_audio_seconds: float) -> None:
+    def __init__(self, max_audio_seconds: float, max_recordings: int = 32, max_call_seconds: float = 300.0) -> None:
         self.max_audio_seconds = max_audio_seconds
+        # Work per call: an EnrollSpeaker of many small, well-compressed recordings fits in one
+        # message yet could keep the server busy for minutes.
+        self.max_recordings = max_recordings
+        self.max_call_seconds = max_call_seconds
         # Decoded audio is bounded like a message: no more samples (frames times channels) than
         # max_audio_seconds of 48 kHz stereo, however small its encoding.
         self.max_samples = int(max_audio_seconds * MAX_SAMPLES_PER_SECOND)
@@ -108,7 +124,7 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
 
     @_rpc
     def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
-        embedding = self._embed(_required(request, "audio"), "audio")
+        embedding = self._embed(_required(request, "audio"), "audio", context)
         return pb.EmbedResponse(embedding=embedding.vector.tolist(), duration_seconds=embedding.duration_seconds)
 
     @_rpc
@@ -120,8 +136,8 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
         if reference == "speaker_id":
             claimed = self.model.store.embedding(check_speaker_id(request.speaker_id))
         else:
-            claimed = self._embed(request.reference_audio, "reference_audio").vector
-        test = self._embed(_required(request, "test_audio"), "test_audio").vector
+            claimed = self._embed(request.reference_audio, "reference_audio", context).vector
+        test = self._embed(_required(request, "test_audio"), "test_audio", context).vector
         score = float(np.clip(np.dot(claimed, test), -1.0, 1.0))
         return pb.VerifyResponse(score=score, threshold=threshold, accepted=score >= threshold)
 
@@ -130,8 +146,26 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
         speaker_id = check_speaker_id(request.speaker_id)
         if not request.audios:
             raise InvalidRequestError("audios is empty: give at least one recording of the speaker")
-        # Embed every recording before storing any, so a bad one leaves the speaker unchanged.
-        vectors = [self._embed(audio, f"audios[{i}]").vector for i, audio in enumerate(request.audios)]
+        if len(request.audios) > self.max_recordings:
+            raise InvalidRequestError(f"{len(request.audios)} recordings in one call; at most {self.max_recordings} "
+                                      "are accepted (enroll the rest in further calls: they add up)")
+        # Decode every recording (within the call's total) before embedding any, and embed every one
+        # before storing any, so a bad one leaves the speaker unchanged.
+        waveforms, total = [], 0.0
+        for i, audio in enumerate(request.audios):
+            waveform = self._waveform(audio, f"audios[{i}]")
+            total += waveform.duration_seconds
+            if total > self.max_call_seconds:
+                raise InvalidRequestError(f"the recordings hold more than {self.max_call_seconds:g} s of audio in all "
+                                          f"(over it at audios[{i}]); enroll the rest in further calls")
+            waveforms.append(waveform)
+            _still_active(context)
+        vectors = []
+        for waveform in waveforms:
+            vectors.append(self.model.embedder.embed_waveform(waveform).vector)
+            _still_active(context)
+        # The last moment to learn that the caller gave up: what it was not told of is not stored.
+        _still_active(context)
         count = self.model.store.enroll(speaker_id, np.stack(vectors))
         return pb.EnrollSpeakerResponse(speaker_id=speaker_id, utterance_count=count)
 
@@ -139,7 +173,7 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
     def Identify(self, request: pb.IdentifyRequest, context) -> pb.IdentifyResponse:
         if not 0 <= request.top_k <= MAX_TOP_K:
             raise InvalidRequestError(f"top_k must be between 0 and {MAX_TOP_K} (0 means 1), got {request.top_k}")
-        embedding = self._embed(_required(request, "audio"), "audio")
+        embedding = self._embed(_required(request, "audio"), "audio", context)
         matches = self.model.store.identify(embedding.vector, max(1, request.top_k))
         return pb.IdentifyResponse(matches=[pb.SpeakerMatch(speaker_id=m.speaker_id, score=m.score) for m in matches])
 
@@ -181,8 +215,12 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
             )
         return self.model.default_threshold
 
-    def _embed(self, audio: pb.Audio, name: str) -> Embedding:
-        return self.model.embedder.embed_waveform(self._waveform(audio, name))
+    def _embed(self, audio: pb.Audio, name: str, context: grpc.ServicerContext) -> Embedding:
+        waveform = self._waveform(audio, name)
+        _still_active(context)  # decoded: is anyone still waiting before the network runs?
+        embedding = self.model.embedder.embed_waveform(waveform)
+        _still_active(context)
+        return embedding
 
     def _waveform(self, audio: pb.Audio, name: str) -> Waveform:
         source = audio.WhichOneof("source")
@@ -205,6 +243,12 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
             max_seconds=self.max_audio_seconds,
             max_samples=self.max_samples,
         )
+
+
+def _still_active(context: grpc.ServicerContext) -> None:
+    """Stop the call's work when its client has gone: cancelled, or past its deadline."""
+    if not context.is_active():
+        raise CallEndedError(context)
 
 
 def _required(request, field: str) -> pb.Audio:

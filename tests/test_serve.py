@@ -156,6 +156,19 @@ def test_a_second_server_on_the_same_enrollment_store_is_refused(server, model_f
         second.drain(0)
 
 
+def test_the_audio_of_one_call_is_bounded(stub, speech):
+    data, rate = speech
+    audios = [pb.Audio(content=b"x")] * 33  # refused on the count, before anything is decoded
+    code, details = status_of(lambda: stub.EnrollSpeaker(pb.EnrollSpeakerRequest(speaker_id="many", audios=audios)))
+    assert code == CODE.INVALID_ARGUMENT and "33 recordings in one call; at most 32" in details
+    # Six recordings of 18 s: each under the 20 s limit, 108 s in all against 5 x 20 s.
+    long = wav_bytes(np.tile(data, 2)[: 18 * rate], rate, "FLAC")
+    request = pb.EnrollSpeakerRequest(speaker_id="long", audios=[pb.Audio(content=long)] * 6)
+    code, details = status_of(lambda: stub.EnrollSpeaker(request))
+    assert code == CODE.INVALID_ARGUMENT and "more than 100 s of audio in all (over it at audios[5])" in details
+    assert "long" not in {s.speaker_id for s in stub.ListSpeakers(pb.ListSpeakersRequest()).speakers}
+
+
 def test_reflection_lists_the_services(server):
     with grpc.insecure_channel(server.address) as channel:
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -399,13 +412,16 @@ class ControlledEmbedder(OnnxEmbedder):
         self.gate = threading.Event()
         self.gate.set()
         self.failure: Exception | None = None
+        self.finished = 0  # calls that returned
 
     def embed_batch(self, features):
         self.entered.set()
         self.gate.wait(60)
         if self.failure is not None:
             raise self.failure
-        return super().embed_batch(features)
+        out = super().embed_batch(features)
+        self.finished += 1
+        return out
 
 
 @pytest.fixture
@@ -440,6 +456,23 @@ def test_a_full_queue_is_resource_exhausted(controlled, clips):
         assert code == CODE.RESOURCE_EXHAUSTED and "busy" in details
         model.gate.set()
         assert len(running.result(timeout=30).embedding) == len(waiting.result(timeout=30).embedding) == 192
+
+
+def test_an_enrollment_whose_caller_gave_up_is_never_stored(controlled, clips):
+    server, model = controlled
+    model.gate.clear()  # inference blocks until the test lets it go
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.SpeakerServiceStub(channel)
+        request = pb.EnrollSpeakerRequest(speaker_id="late", audios=[pb.Audio(content=clip) for clip in clips[:3]])
+        call = stub.EnrollSpeaker.future(request, timeout=3.0)
+        wait_until(model.entered.is_set)  # the work has reached the network...
+        assert call.exception(timeout=30).code() == CODE.DEADLINE_EXCEEDED  # ...when the caller gives up
+        model.gate.set()  # the work could now finish
+        wait_until(lambda: model.finished >= 1 and server.batcher.pending == 0)
+        time.sleep(0.5)  # time for the handler to reach its store step, if it went on
+        # Nothing is stored for a call that is no longer there, so the retry enrolls once.
+        assert stub.ListSpeakers(pb.ListSpeakersRequest()).speakers == []
+        assert stub.EnrollSpeaker(request, timeout=60).utterance_count == 3
 
 
 def test_an_unexpected_failure_is_internal_and_the_server_lives_on(controlled, clips, caplog):
@@ -530,6 +563,22 @@ def test_health_needs_no_token_but_reflection_does(secure_server, tls_files):
         code, _ = status_of(lambda: next(reflection.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
         assert code == CODE.UNAUTHENTICATED
+
+
+def test_bad_tls_files_are_named_not_taken_for_a_busy_port(tls_files, model_file, tmp_path):
+    cert, key = tls_files
+    other_key = tmp_path / "other.key"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-out", str(other_key)], check=True, capture_output=True)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    for tls_cert, tls_key, message in ((junk, key, f"{junk} is not a PEM certificate"),
+                                       (cert, junk, f"{junk} is not a PEM private key"),
+                                       (cert, other_key, f"the key {other_key} does not belong to the certificate")):
+        with pytest.raises(ServerError) as refused:
+            create_server(ServerConfig(model=model_file, port=0, enroll_db=tmp_path / "e.sqlite",
+                                       tls_cert=tls_cert, tls_key=tls_key))
+        assert message in str(refused.value) and "port" not in str(refused.value)
 
 
 def test_a_plaintext_client_cannot_talk_to_a_tls_server(secure_server):

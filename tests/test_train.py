@@ -15,6 +15,7 @@ import torch
 from spkft.core.checkpoint import load_model, read_checkpoint
 from spkft.core.errors import SpkftError
 from spkft.core.train import EpochEnded, StepEnded, Trainer, TrainingDiverged, load_config
+from spkft.core.train import trainer as trainer_module
 from spkft.core.train.freeze import stage_of, trainable_names
 from spkft.core.model import build_model
 
@@ -189,3 +190,72 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     last = read_checkpoint(tmp_path / "run" / "last.ckpt")
     assert last["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+class Killed(BaseException):
+    """The process dying at a chosen instant (a BaseException, so nothing on the way catches it)."""
+
+
+@pytest.mark.parametrize("kill_after", ["last.ckpt", "best.ckpt", "metrics line"])
+def test_a_kill_between_any_two_writes_resumes_into_the_uninterrupted_run(tmp_path, fsdd_lists, monkeypatch,
+                                                                          kill_after):
+    # Epoch 1 is always the best so far, so its writes are last.ckpt, best.ckpt, then the metrics line.
+    overrides = {"run.epochs": 2, "run.steps_per_epoch": 2}
+    full = Trainer(config(tmp_path / "full", *fsdd_lists, **overrides)).run()
+    full_best = torch.load(Path(full.run_dir) / "best.ckpt", weights_only=False)
+
+    cut = config(tmp_path / "cut", *fsdd_lists, **overrides)
+    real_save, real_dumps = trainer_module._save_atomically, trainer_module.json.dumps
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if path.name == kill_after:
+            raise Killed
+
+    def line_then_die(obj, *args, **kwargs):
+        text = real_dumps(obj, *args, **kwargs)
+        if kill_after == "metrics line" and isinstance(obj, dict) and obj.get("epoch") == 1 and "lr" in obj:
+            raise Killed  # the line is never appended
+        return text
+
+    monkeypatch.setattr(trainer_module, "_save_atomically", save_then_die)
+    monkeypatch.setattr(trainer_module.json, "dumps", line_then_die)
+    with pytest.raises(Killed):
+        Trainer(cut).run()
+    monkeypatch.undo()
+    run = Path(cut.run.output_dir)
+    assert read_checkpoint(run / "last.ckpt")["epoch"] == 1
+
+    resumed = Trainer(cut, resume=True).run()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1, 2]  # epoch 1's line is there, once
+    expected = [json.loads(line) for line in (Path(full.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [line["val_eer"] for line in lines] == [line["val_eer"] for line in expected]
+    best = torch.load(run / "best.ckpt", weights_only=False)
+    assert best["epoch"] == resumed.best_epoch == full.best_epoch
+    assert all(torch.equal(best["model"][k], full_best["model"][k]) for k in full_best["model"])
+
+
+def test_a_full_disk_is_one_clear_line_and_leaves_no_partial_file(tmp_path, fsdd_lists, monkeypatch):
+    cfg = config(tmp_path, *fsdd_lists, **{"run.epochs": 2, "run.steps_per_epoch": 2})
+    run = Path(cfg.run.output_dir)
+    real_save = torch.save
+    saves = []
+
+    def save_until_the_disk_fills(obj, target):
+        saves.append(Path(target).name)
+        if len(saves) <= 2:  # epoch 1's last.ckpt and best.ckpt fit
+            return real_save(obj, target)
+        Path(target).write_bytes(b"PK partial")  # what the zip writer leaves when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 640 vs 538")
+
+    monkeypatch.setattr(trainer_module.torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(trainer_module, "_free_bytes", lambda folder: 0 if len(saves) > 2 else 1 << 40)
+    with pytest.raises(SpkftError) as failed:
+        Trainer(cfg).run()
+    message = str(failed.value)
+    assert message.startswith(f"cannot write {run / 'last.ckpt'}: no space left on device") and "\n" not in message
+    assert not list(run.glob(".*.tmp"))  # the partial file is gone
+    monkeypatch.undo()
+    assert read_checkpoint(run / "last.ckpt")["epoch"] == 1  # epoch 1's checkpoints are intact
+    assert read_checkpoint(run / "best.ckpt")["epoch"] == 1

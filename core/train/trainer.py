@@ -9,9 +9,11 @@ writes files and emits events.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from spkft.core.average import average_checkpoints
 from spkft.core.checkpoint import embedding_checkpoint, load_model, model_from_checkpoint, read_checkpoint
 from spkft.core.data import ScanReport, Split, make_trials, read_trials, segment, split_sources
 from spkft.core.embedding import Embedder
-from spkft.core.errors import SpkftError
+from spkft.core.errors import CheckpointError, SpkftError, first_line
 from spkft.core.evaluate import evaluate
 from spkft.core.model import DEFAULT_VARIANT, build_model
 from spkft.core.report import write_report
@@ -76,10 +78,31 @@ class _Classifier(nn.Module):
         return self.head(self.model(features), labels)
 
 
+# Free space under which a failed write is taken for a full disk: torch reports ENOSPC as an
+# "enforce fail" RuntimeError of its zip writer, without the errno.
+FULL_DISK_BYTES = 64 << 20
+
+
 def _save_atomically(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` through a temporary file, so ``path`` is always whole: the old file
+    or the new one. A failed write removes its partial file and says why in one line."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _free_bytes(path.parent) < FULL_DISK_BYTES
+        reason = "no space left on device" if full else first_line(exc)
+        raise SpkftError(f"cannot write {path}: {reason}; the partial file was removed and the checkpoints "
+                         "written before are intact") from None
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
 
 
 class Trainer:
@@ -226,10 +249,10 @@ class Trainer:
                 self.best_eer, self.best_epoch, self.stale_epochs = eer, epoch + 1, 0
             else:
                 self.stale_epochs += 1
-            self._save(epoch + 1, is_best, eer)
             record = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_eer": eer,
                       "val_min_dcf": min_dcf, "lr": self.optimizer.param_groups[-1]["lr"],
                       "margin": self.head.margin, "seconds": time.monotonic() - epoch_start}
+            self._save(epoch + 1, is_best, eer, record)
             if self.dist.is_main:
                 with (self.run_dir / "metrics.jsonl").open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
@@ -417,7 +440,15 @@ class Trainer:
                 state["snapshots"] = self.snapshots.state()
         return state
 
-    def _save(self, epoch: int, is_best: bool, eer: float) -> None:
+    def _save(self, epoch: int, is_best: bool, eer: float, record: dict[str, Any]) -> None:
+        """Write the epoch's files so that a kill between any two writes leaves a run that resumes
+        exactly: last.ckpt is the record of the run, and carries what the other files must say.
+
+        Order: the averaging snapshot, then last.ckpt (with the epoch's metrics line), then
+        best.ckpt, then the metrics line (by the caller). Each write is atomic. A kill after
+        last.ckpt leaves best.ckpt or the metrics line behind it; resume re-derives both from
+        last.ckpt (see :meth:`_reconcile`).
+        """
         if not self.dist.is_main:
             self.dist.barrier()
             return
@@ -430,7 +461,8 @@ class Trainer:
                 self.snapshots.directory.mkdir(parents=True, exist_ok=True)
                 _save_atomically(embedding_checkpoint(model, self.variant, epoch=epoch, evaluation=self.evaluation),
                                  self.snapshots.path(epoch))
-        _save_atomically(embedding_checkpoint(model, self.variant, **self._state(epoch, True)), self.run_dir / "last.ckpt")
+        _save_atomically(embedding_checkpoint(model, self.variant, **self._state(epoch, True), epoch_record=record),
+                         self.run_dir / "last.ckpt")
         if is_best:
             _save_atomically(embedding_checkpoint(model, self.variant, **self._state(epoch, False)), self.run_dir / "best.ckpt")
         for path in dropped:
@@ -452,17 +484,38 @@ class Trainer:
         self.initial_eer = checkpoint["initial_eer"]
         if checkpoint["speakers"] != self.speakers:
             raise SpkftError("cannot resume: the training speakers differ from the interrupted run's")
-        metrics = self.run_dir / "metrics.jsonl"
-        if self.dist.is_main and metrics.exists():
-            # Epochs after the checkpoint were lost with the process; they will be logged again.
-            # The average's line (no "epoch") goes too: it is made again at the new end of the run.
-            kept = [line for line in metrics.read_text().splitlines()
-                    if json.loads(line).get("epoch", math.inf) <= self.start_epoch]
-            metrics.write_text("".join(line + "\n" for line in kept))
         if self.dist.is_main:
+            self._reconcile(checkpoint)
             (self.run_dir / "average.ckpt").unlink(missing_ok=True)
         if self.snapshots is not None:
             self.snapshots.restore(checkpoint.get("snapshots", []), delete_others=self.dist.is_main)
+
+    def _reconcile(self, last: dict[str, Any]) -> None:
+        """Make best.ckpt and metrics.jsonl agree with last.ckpt after a kill at any point of an epoch's writes."""
+        epoch, best_epoch = last["epoch"], last["best_epoch"]
+        best = self.run_dir / "best.ckpt"
+        if best_epoch == epoch and epoch > 0:
+            # The last epoch was the best: its weights are last.ckpt's, whether or not best.ckpt was written.
+            try:
+                written = read_checkpoint(best).get("epoch") if best.is_file() else None
+            except CheckpointError:  # unreadable: write it again
+                written = None
+            if written != epoch:
+                _save_atomically({k: v for k, v in last.items()
+                                  if k not in ("optimizer", "scaler", "rng", "snapshots", "epoch_record")}, best)
+        metrics = self.run_dir / "metrics.jsonl"
+        lines = []
+        for line in metrics.read_text().splitlines() if metrics.exists() else []:
+            try:
+                lines.append((line, json.loads(line)))
+            except ValueError:  # a line cut short by the kill
+                continue
+        # Epochs after the checkpoint were lost with the process; they will be logged again. The
+        # average's line (no "epoch") goes too: it is made again at the new end of the run.
+        kept = [line for line, parsed in lines if parsed.get("epoch", math.inf) <= epoch]
+        if last.get("epoch_record") is not None and not any(parsed.get("epoch") == epoch for _, parsed in lines):
+            kept.append(json.dumps(last["epoch_record"]))  # killed between last.ckpt and the metrics line
+        metrics.write_text("".join(line + "\n" for line in kept))
 
     def cleanup(self) -> None:
         self.dist.close()

@@ -35,6 +35,14 @@ def serve(
     max_audio_seconds: Annotated[
         float, typer.Option("--max-audio-seconds", min=0.1, help="Refuse recordings longer than this.")
     ] = 60.0,
+    max_recordings: Annotated[
+        int, typer.Option("--max-recordings", min=1, help="Refuse an enrollment of more recordings than this in one call.")
+    ] = 32,
+    max_call_seconds: Annotated[
+        Optional[float], typer.Option("--max-call-seconds", min=0.1, show_default=False,
+                                      help="Refuse a call whose recordings hold more audio than this in all "
+                                           "[default: 5 x --max-audio-seconds].")
+    ] = None,
     threshold: Annotated[
         Optional[float],
         typer.Option("--threshold", min=-1.0, max=1.0, show_default=False,
@@ -58,7 +66,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         model=model, host=host, port=port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
-        enroll_db=enroll_db, max_audio_seconds=max_audio_seconds, threshold=threshold, engine=engine.value,
+        enroll_db=enroll_db, max_audio_seconds=max_audio_seconds, max_recordings=max_recordings,
+        max_call_seconds=max_call_seconds, threshold=threshold, engine=engine.value,
         precision=precision.value, threads=threads,
         workers=workers, max_queue=max_queue, grace_seconds=grace_seconds,
     )
