@@ -119,12 +119,12 @@ class Batcher:
             raise item.error
         return item.result
 
-    def close(self) -> None:
-        """Refuse new inputs and wait until the pending ones are embedded."""
+    def close(self, wait: bool = True) -> None:
+        """Refuse new inputs and, with ``wait``, wait until the pending ones are embedded."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-            while self._pending or self._free_slots < self.workers:
+            while wait and (self._pending or self._free_slots < self.workers):
                 self._changed.wait()
 
     def _ready_batch(self) -> tuple[list[_Pending] | None, float | None]:

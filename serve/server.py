@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -204,16 +205,25 @@ class SpeakerServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s (%s, %s)", config.model, self.address, model.engine.name, model.engine.precision)
 
-    def drain(self, grace_seconds: float | None = None) -> None:
-        """Report NOT_SERVING, refuse new calls, let calls in flight finish (up to the grace period), close."""
+    def drain(self, grace_seconds: float | None = None) -> bool:
+        """Report NOT_SERVING, refuse new calls, let calls in flight finish (up to the grace period), close.
+
+        Health keeps answering (NOT_SERVING) until the calls in flight are done or the grace period
+        is over; then the server stops, cancelling any call still running. Returns whether every
+        call finished in time.
+        """
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._grpc.stop(grace).wait()
+        finished = self.service.drain(grace)
+        stopped = self._grpc.stop(0)
+        if finished:
+            stopped.wait()
         if self._batcher is not None:
-            self._batcher.close()
+            self._batcher.close(wait=finished)  # past the grace period, a running inference is not waited for
         if self._store is not None:
             self._store.close()
         self._handlers.shutdown(wait=False)
+        return finished
 
 
 def check_tls_files(cert: Path, key: Path) -> None:
@@ -265,7 +275,14 @@ def run_until_signalled(config: ServerConfig, on_serving: Callable[[SpeakerServe
     for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal ends the process at once
         signal.signal(signum, signal.SIG_DFL)
     log.info("draining: finishing calls in flight for up to %g s", config.grace_seconds)
-    server.drain()
+    if not server.drain():
+        # A call still running in a handler thread would hold the interpreter's exit (it joins
+        # those threads) for as long as it runs: the grace period is the bound, so end here.
+        log.warning("grace period over: exiting with calls still running (their clients see CANCELLED)")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _cores() -> int:

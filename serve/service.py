@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -73,14 +74,19 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 def _rpc(method):
-    """Turns every exception an RPC raises into a status code and message (see :func:`status_of`)."""
+    """Turns every exception an RPC raises into a status code and message (see :func:`status_of`),
+    and counts the call in flight, so a draining server knows when the last one is done."""
 
     @functools.wraps(method)
     def handler(self, request, context: grpc.ServicerContext):
+        if not self._enter():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
         try:
             return method(self, request, context)
         except Exception as exc:  # every failure must become a status code, never UNKNOWN
             code, message = status_of(exc)
+        finally:
+            self._leave()
         context.abort(code, message)
 
     return handler
@@ -112,9 +118,30 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
         # max_audio_seconds of 48 kHz stereo, however small its encoding.
         self.max_samples = int(max_audio_seconds * MAX_SAMPLES_PER_SECOND)
         self._model: ServedModel | None = None
+        self._calls = threading.Condition()
+        self._in_flight = 0
+        self._draining = False
 
     def serve(self, model: ServedModel) -> None:
         self._model = model
+
+    def _enter(self) -> bool:
+        with self._calls:
+            if self._draining:
+                return False
+            self._in_flight += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._calls:
+            self._in_flight -= 1
+            self._calls.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new calls (UNAVAILABLE) and wait up to ``timeout`` s for those in flight; whether all finished."""
+        with self._calls:
+            self._draining = True
+            return self._calls.wait_for(lambda: self._in_flight == 0, timeout)
 
     @property
     def model(self) -> ServedModel:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import selectors
 import shutil
@@ -679,14 +680,14 @@ def test_enrollments_survive_kill_9_and_a_restart(tmp_path, model_file, clips, o
 
 
 SLOW_SERVER = """
-import sys, time
+import os, sys, time
 from spkft.core.onnx_model import OnnxEmbedder
 
 fast = OnnxEmbedder.embed_batch
 
 def slow(self, features):
     print("inference started", flush=True)
-    time.sleep(3)
+    time.sleep(float(os.environ.get("SLOW_SECONDS", "3")))
     return fast(self, features)
 
 OnnxEmbedder.embed_batch = slow
@@ -704,6 +705,12 @@ def test_a_file_that_is_not_a_model_is_one_line_without_library_noise(tmp_path):
     assert result.stderr == f"error: {tmp_path / 'bad.onnx'}: not a readable ONNX model (spkft export writes one)\n"
 
 
+def health_of(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                          timeout=10).status
+
+
 def test_sigterm_lets_the_call_in_flight_finish_and_exits_0(tmp_path, model_file, clips):
     process, address = spawn_server("--model", str(model_file), "--enroll-db", str(tmp_path / "e.sqlite"),
                                      code=SLOW_SERVER)
@@ -712,10 +719,38 @@ def test_sigterm_lets_the_call_in_flight_finish_and_exits_0(tmp_path, model_file
             in_flight = pool.submit(client.embed, clips[0])
             read_line(process, "inference started")
             process.send_signal(signal.SIGTERM)
+            # While the call finishes, health answers NOT_SERVING (as README says), and new calls are refused.
+            wait_until(lambda: health_of(address) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+            with pytest.raises(ServiceError) as refused:
+                client.embed(clips[1])
+            assert refused.value.code == "UNAVAILABLE" and "shutting down" in refused.value.details
             assert len(in_flight.result(timeout=60).embedding) == 192
         out, err = process.communicate(timeout=60)
         assert process.returncode == 0, err
         assert "stopped" in out and "draining" in err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_the_grace_period_bounds_the_exit_whatever_a_call_is_doing(tmp_path, model_file, clips):
+    env = os.environ | {"SLOW_SECONDS": "120"}  # a call that would run for two minutes
+    command = [sys.executable, "-c", SLOW_SERVER, "serve", "--port", "0", "--model", str(model_file),
+               "--enroll-db", str(tmp_path / "e.sqlite"), "--grace-seconds", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        address = read_line(process, "listening on").split("listening on ")[1].split()[0]
+        with SpeakerClient(address) as client, ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(client.embed, clips[0])
+            read_line(process, "inference started")
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
+            took = time.monotonic() - signalled
+            assert process.returncode == 0 and took < 15, took  # 1 s of grace and a small bound, not 120 s
+            with pytest.raises(ServiceError):
+                in_flight.result(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
