@@ -45,8 +45,7 @@ from spkft.core.errors import SpkftError
 from spkft.core.onnx_model import OnnxEmbedder, engine_choice_problems
 from spkft.serve.auth import BearerTokenInterceptor
 from spkft.serve.batching import BatchedEmbedder, Batcher
-from spkft.serve.service import MAX_SAMPLES_PER_SECOND, SERVICE_NAME, ServedModel, SpeakerService
-from spkft.serve.v1 import speaker_service_pb2_grpc as pb_grpc
+from spkft.serve.service import MAX_SAMPLES_PER_SECOND, SERVICE_NAME, ServedModel, SpeakerService, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ class SpeakerServer:
             ],
             maximum_concurrent_rpcs=config.handler_threads + config.max_queue,
         )
-        pb_grpc.add_SpeakerServiceServicer_to_server(self.service, self._grpc)
+        add_to_server(self.service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = self._bind()

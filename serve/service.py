@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from spkft.core.audio import Waveform, decode_pcm, load_audio
 from spkft.core.embedding import Embedding, SpeakerEmbedder
@@ -283,3 +284,34 @@ def _required(request, field: str) -> pb.Audio:
     if not request.HasField(field):
         raise InvalidRequestError(f"{field} is missing")
     return getattr(request, field)
+
+
+def add_to_server(service: SpeakerService, server: grpc.Server) -> None:
+    """Register ``service``'s RPCs on ``server``, parsing each request in its handler.
+
+    grpc's own parsing answers a malformed message (a truncated varint, invalid UTF-8 in a
+    string) with INTERNAL and logs a traceback for each one; here it is INVALID_ARGUMENT and at
+    most one log line.
+    """
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["SpeakerService"].methods:
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _parsed(getattr(service, method.name), getattr(pb, method.input_type.name), method.name),
+            request_deserializer=None,  # the bytes as they came
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _parsed(handler, request_type, name: str):
+    def parse_then_handle(raw: bytes, context: grpc.ServicerContext):
+        try:
+            request = request_type.FromString(raw)
+        except DecodeError:
+            log.info("%s: a malformed request from %s", name, context.peer())
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"malformed request: not a valid {request_type.DESCRIPTOR.full_name} message")
+        return handler(request, context)
+
+    return parse_then_handle

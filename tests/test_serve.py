@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import selectors
@@ -277,6 +278,23 @@ def test_bad_audio_is_invalid_argument(stub, audio, message):
     code, details = status_of(lambda: stub.Embed(pb.EmbedRequest(audio=audio)))
     assert code == CODE.INVALID_ARGUMENT and message in details
     assert " at 0x" not in details  # no Python object's address (of a buffer, say) leaks out
+
+
+MALFORMED = {
+    "a truncated varint": ("Identify", b"\x10\xff\xff"),  # top_k, its varint cut short
+    "invalid UTF-8 in a string": ("DeleteSpeaker", b"\x0a\x02\xff\xfe"),  # speaker_id
+    "a length past the end": ("Embed", b"\x0a\x7f\x0a"),
+}
+
+
+@pytest.mark.parametrize("method, raw", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_message_is_invalid_argument_with_one_log_line(server, caplog, method, raw):
+    with grpc.insecure_channel(server.address) as channel, caplog.at_level(logging.INFO):
+        call = channel.unary_unary(f"/{SERVICE_NAME}/{method}")  # bytes in, bytes out
+        code, details = status_of(lambda: call(raw, timeout=10))
+    assert code == CODE.INVALID_ARGUMENT and "malformed request" in details
+    mine = [r for r in caplog.records if "malformed" in r.getMessage() or r.exc_info]
+    assert len(mine) <= 1 and not any(r.exc_info for r in caplog.records)
 
 
 def test_an_odd_sample_rate_embeds_like_its_round_neighbour(stub):
