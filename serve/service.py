@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import torch
 from google.protobuf.message import DecodeError
 
 from spkft.core.audio import Waveform, decode_pcm, load_audio
 from spkft.core.embedding import Embedding, SpeakerEmbedder
 from spkft.core.enrollment import EnrollmentStore, check_speaker_id
 from spkft.core.errors import AudioError, EnrollmentError, InputTooShortError, UnknownSpeakerError
-from spkft.core.features import SAMPLE_RATE
+from spkft.core.features import SAMPLE_RATE, fbank
 from spkft.serve.batching import BatcherClosedError, QueueFullError
 from spkft.serve.v1 import speaker_service_pb2 as pb
 from spkft.serve.v1 import speaker_service_pb2_grpc as pb_grpc
@@ -109,8 +110,12 @@ class ServedModel:
 class SpeakerService(pb_grpc.SpeakerServiceServicer):
     """The RPCs; UNAVAILABLE until :meth:`serve` is given the loaded model."""
 
-    def __init__(self, max_audio_seconds: float, max_recordings: int = 32, max_call_seconds: float = 300.0) -> None:
+    def __init__(self, max_audio_seconds: float, max_recordings: int = 32, max_call_seconds: float = 300.0,
+                 max_preparing: int = 2) -> None:
         self.max_audio_seconds = max_audio_seconds
+        # Decoding, resampling and fbank take tens of MB each for a minute of audio, for a moment:
+        # at most this many calls do them at once (they are CPU-bound, so more would not be faster).
+        self._preparing = threading.BoundedSemaphore(max_preparing)
         # Work per call: an EnrollSpeaker of many small, well-compressed recordings fits in one
         # message yet could keep the server busy for minutes.
         self.max_recordings = max_recordings
@@ -179,18 +184,18 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
                                       "are accepted (enroll the rest in further calls: they add up)")
         # Decode every recording (within the call's total) before embedding any, and embed every one
         # before storing any, so a bad one leaves the speaker unchanged.
-        waveforms, total = [], 0.0
+        prepared, total = [], 0.0
         for i, audio in enumerate(request.audios):
-            waveform = self._waveform(audio, f"audios[{i}]")
-            total += waveform.duration_seconds
+            features, seconds = self._prepare(audio, f"audios[{i}]")
+            total += seconds
             if total > self.max_call_seconds:
                 raise InvalidRequestError(f"the recordings hold more than {self.max_call_seconds:g} s of audio in all "
                                           f"(over it at audios[{i}]); enroll the rest in further calls")
-            waveforms.append(waveform)
+            prepared.append(features)
             _still_active(context)
         vectors = []
-        for waveform in waveforms:
-            vectors.append(self.model.embedder.embed_waveform(waveform).vector)
+        for features in prepared:
+            vectors.append(self.model.embedder.embed_features(features))
             _still_active(context)
         # The last moment to learn that the caller gave up: what it was not told of is not stored.
         _still_active(context)
@@ -244,11 +249,17 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
         return self.model.default_threshold
 
     def _embed(self, audio: pb.Audio, name: str, context: grpc.ServicerContext) -> Embedding:
-        waveform = self._waveform(audio, name)
+        features, seconds = self._prepare(audio, name)
         _still_active(context)  # decoded: is anyone still waiting before the network runs?
-        embedding = self.model.embedder.embed_waveform(waveform)
+        vector = self.model.embedder.embed_features(features)
         _still_active(context)
-        return embedding
+        return Embedding(vector.astype(np.float32), seconds)
+
+    def _prepare(self, audio: pb.Audio, name: str) -> tuple[torch.Tensor, float]:
+        """The recording's mean-normalised fbank and its length, decoded by at most ``max_preparing`` calls at once."""
+        with self._preparing:
+            waveform = self._waveform(audio, name)
+            return fbank(waveform.tensor()), waveform.duration_seconds
 
     def _waveform(self, audio: pb.Audio, name: str) -> Waveform:
         source = audio.WhichOneof("source")
