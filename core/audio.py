@@ -152,8 +152,8 @@ def _decode(
 ) -> tuple[np.ndarray, int, int]:
     """Mono float32 samples of the whole source or the given segment, its rate and channel count.
 
-    The length is checked from the header before anything is decoded; then the audio is read in
-    blocks, each down-mixed at once, counting what was read in case the header understated it.
+    The length is checked from the header before anything is decoded; then at most that many
+    frames are read, in blocks, each down-mixed at once.
     """
     with sf.SoundFile(opened) as audio:
         rate, channels = audio.samplerate, audio.channels
@@ -167,9 +167,7 @@ def _decode(
                 audio.seek(first)
             else:  # a streamed codec: read up to the segment
                 _read_mono(audio, first, channels)
-        mono = _read_mono(audio, wanted, channels)
-        _check_not_too_long(len(mono) / rate, max_seconds, name)
-        return mono, rate, channels
+        return _read_mono(audio, wanted, channels), rate, channels
 
 
 def _read_mono(audio: sf.SoundFile, frames: int, channels: int) -> np.ndarray:
@@ -215,8 +213,6 @@ def decode_pcm(
     _check_not_too_long(len(samples) / frame_bytes / sample_rate_hertz, max_seconds, name)
     _check_not_too_large(len(samples) // dtype.itemsize, max_samples, name)
     data = np.frombuffer(samples, dtype=dtype).reshape(-1, channel_count)
-    if not np.isfinite(data).all():  # before the mean, where an infinity could become a NaN or hide
-        raise UndecodableAudioError(f"{name}: the audio holds NaN or infinite samples")
     # Down-mixed straight from the buffer: no float copy of every channel.
     mono = data.mean(axis=1, dtype=np.float32) if channel_count > 1 else data[:, 0].astype(np.float32)
     if sample_format == "int16":

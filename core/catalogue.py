@@ -93,6 +93,7 @@ class Availability:
     state: str  # bundled, cached, placed (by hand, checked on first use), partial, missing
     path: Path  # the file, or where it will be
     partial_bytes: int = 0  # of a download in progress or cut
+    record: dict[str, Any] | None = None  # the cache record that vouches for a cached file
 
     @property
     def ready(self) -> bool:
@@ -192,8 +193,9 @@ def availability(entry: ReleasedModel) -> Availability:
     path = entry.cached_path()
     if entry.bundled:
         return Availability("bundled", path)
-    if cache_record(entry) is not None:
-        return Availability("cached", path)
+    record = cache_record(entry)
+    if record is not None:
+        return Availability("cached", path, record=record)
     if path.is_file():
         return Availability("placed", path)
     partial = partial_path(entry)

@@ -196,9 +196,9 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
         vectors = []
         for features in prepared:
             vectors.append(self.model.embedder.embed_features(features))
+            # After the last one, this is the last moment to learn that the caller gave up: what it
+            # will not be told of is not stored.
             _still_active(context)
-        # The last moment to learn that the caller gave up: what it was not told of is not stored.
-        _still_active(context)
         count = self.model.store.enroll(speaker_id, np.stack(vectors))
         return pb.EnrollSpeakerResponse(speaker_id=speaker_id, utterance_count=count)
 

@@ -78,6 +78,9 @@ class _Classifier(nn.Module):
         return self.head(self.model(features), labels)
 
 
+# What last.ckpt holds beyond best.ckpt of the same epoch (Trainer._state with the optimiser, and
+# the epoch's metrics line): best.ckpt is last.ckpt without these.
+RESUME_ONLY_KEYS = ("optimizer", "scaler", "rng", "snapshots", "epoch_record")
 # Free space under which a failed write is taken for a full disk: torch reports ENOSPC as an
 # "enforce fail" RuntimeError of its zip writer, without the errno.
 FULL_DISK_BYTES = 64 << 20
@@ -421,6 +424,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------- checkpoints
     def _state(self, epoch: int, with_optimiser: bool) -> dict[str, Any]:
+        """A checkpoint's training state; ``with_optimiser`` adds the resume state (:data:`RESUME_ONLY_KEYS`)."""
         state = {
             "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
             "speakers": self.speakers,
@@ -501,8 +505,7 @@ class Trainer:
             except CheckpointError:  # unreadable: write it again
                 written = None
             if written != epoch:
-                _save_atomically({k: v for k, v in last.items()
-                                  if k not in ("optimizer", "scaler", "rng", "snapshots", "epoch_record")}, best)
+                _save_atomically({k: v for k, v in last.items() if k not in RESUME_ONLY_KEYS}, best)
         metrics = self.run_dir / "metrics.jsonl"
         lines = []
         for line in metrics.read_text().splitlines() if metrics.exists() else []:

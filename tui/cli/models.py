@@ -101,7 +101,6 @@ def list_models(as_json: Annotated[bool, typer.Option("--json", help="Print one 
     """The released models: variant, size, training data, licence, and where each is cached."""
     rows = []
     for entry in CATALOGUE.values():
-        record = cache_record(entry)
         where = availability(entry)
         rows.append({
             "name": entry.name, "variant": entry.variant, "parameters": entry.parameters,
@@ -110,7 +109,7 @@ def list_models(as_json: Annotated[bool, typer.Option("--json", help="Print one 
             "model_id": entry.model_id or None, "revision": entry.revision, "file": entry.file,
             "url": None if entry.bundled else entry.url(), "state": where.state, "ready": where.ready,
             "state_text": where.describe(entry), "path": str(where.path),
-            "sha256": record["sha256"] if record else None,
+            "sha256": where.record["sha256"] if where.record else None,
         })
     if as_json:
         typer.echo(json.dumps({"cache": str(cache_home()), "endpoint": model_endpoint(), "models": rows}))
