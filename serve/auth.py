@@ -10,9 +10,12 @@ the service itself.
 from __future__ import annotations
 
 import hmac
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health
+
+from spkft.serve.admission import in_lane
 
 OPEN_SERVICES = (health.SERVICE_NAME,)
 
@@ -20,10 +23,12 @@ OPEN_SERVICES = (health.SERVICE_NAME,)
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` (except to :data:`OPEN_SERVICES`)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, refusals: ThreadPoolExecutor | None = None) -> None:
+        """``refusals``: the pool refusals run in (the server's handler threads when None)."""
         if not token:
             raise ValueError("the token must not be empty")
         self._expected = token.encode()
+        self._refusals = refusals
 
     def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         service = handler_call_details.method.lstrip("/").split("/", 1)[0]
@@ -40,8 +45,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             message = "missing bearer token (metadata authorization: Bearer <token>)"
         handler = continuation(handler_call_details)
         if handler is None:  # an unknown method: refused too, so it reveals nothing without the token
-            return _refusal(False, False, message)
-        return _refusal(handler.request_streaming, handler.response_streaming, message)
+            return _refusal(False, False, message, self._refusals)
+        return _refusal(handler.request_streaming, handler.response_streaming, message, self._refusals)
 
     def _accepts(self, value: str | bytes) -> bool:
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
@@ -49,11 +54,15 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self._expected)
 
 
-def _refusal(request_streaming: bool, response_streaming: bool, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the method's own kind that ends the call with UNAUTHENTICATED."""
+def _refusal(request_streaming: bool, response_streaming: bool, message: str,
+             pool: ThreadPoolExecutor | None) -> grpc.RpcMethodHandler:
+    """A handler of the method's own kind that ends the call with UNAUTHENTICATED (in ``pool`` when given)."""
 
     def refuse(request_or_iterator, context: grpc.ServicerContext):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if pool is not None:
+        in_lane(refuse, pool)
 
     if request_streaming and response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse)

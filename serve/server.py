@@ -8,10 +8,12 @@ Shape of a running server:
   inference calls at once, in the request threads themselves, through a
   :class:`~spkft.serve.batching.Batcher` that runs equally long inputs of concurrent requests as
   one batch;
-- bounded work: at most ``max_queue`` inputs wait for inference (more is RESOURCE_EXHAUSTED),
-  and gRPC itself admits at most ``handler_threads + max_queue`` calls at once;
+- bounded work: at most ``max_queue`` inputs wait for inference, and at most
+  ``handler_threads + max_queue`` speaker-service calls are held at once, running or waiting for
+  a handler thread (more is RESOURCE_EXHAUSTED, see :mod:`spkft.serve.admission`);
 - ``grpc.health.v1`` (NOT_SERVING until the model is loaded and again while draining, SERVING in
-  between), reflection, bearer-token auth (:mod:`spkft.serve.auth`) and TLS when configured;
+  between) on threads of its own, so probes answer at once however busy the service is;
+  reflection, bearer-token auth (:mod:`spkft.serve.auth`) and TLS when configured;
 - a request is at most ``max_audio_seconds`` of 48 kHz stereo 16-bit audio (192,000 bytes a
   second) plus 1 MiB; gRPC refuses larger messages with RESOURCE_EXHAUSTED before they are read.
   Audio longer than ``max_audio_seconds``, or holding more samples (frames times channels) than
@@ -38,12 +40,13 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from spkft.core.enrollment import EnrollmentStore
 from spkft.core.errors import SpkftError
 from spkft.core.onnx_model import OnnxEmbedder, engine_choice_problems
+from spkft.serve.admission import PROBE_THREADS, REFUSAL_THREADS, Admission, CallCounter, add_health_to_server
 from spkft.serve.auth import BearerTokenInterceptor
 from spkft.serve.batching import BatchedEmbedder, Batcher
 from spkft.serve.service import MAX_SAMPLES_PER_SECOND, SERVICE_NAME, ServedModel, SpeakerService, add_to_server
@@ -129,19 +132,24 @@ class SpeakerServer:
                                       max_preparing=max(1, _cores()))
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._handlers = ThreadPoolExecutor(max_workers=config.handler_threads, thread_name_prefix="spkft-rpc")
+        self._handlers = CallCounter(config.handler_threads, thread_name_prefix="spkft-rpc")
+        self._probes = ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="spkft-health")
+        self._refusals = ThreadPoolExecutor(REFUSAL_THREADS, thread_name_prefix="spkft-refuse")
+        interceptors = [Admission((SERVICE_NAME,), self._handlers, config.handler_threads + config.max_queue,
+                                  self._refusals)]
+        if config.auth_token:  # first: a call without the token is refused before it counts
+            interceptors.insert(0, BearerTokenInterceptor(config.auth_token, refusals=self._refusals))
         self._grpc = grpc.server(
             self._handlers,
-            interceptors=[BearerTokenInterceptor(config.auth_token)] if config.auth_token else [],
+            interceptors=interceptors,
             options=[
                 ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ],
-            maximum_concurrent_rpcs=config.handler_threads + config.max_queue,
         )
         add_to_server(self.service, self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        add_health_to_server(self.health, self._grpc, self._probes)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.port = self._bind()
         self._batcher: Batcher | None = None
@@ -154,6 +162,11 @@ class SpeakerServer:
     @property
     def batcher(self) -> Batcher | None:
         return self._batcher
+
+    @property
+    def calls_held(self) -> int:
+        """Speaker-service and reflection calls running or waiting for a handler thread."""
+        return self._handlers.held
 
     def _bind(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
@@ -223,7 +236,8 @@ class SpeakerServer:
             self._batcher.close(wait=finished)  # past the grace period, a running inference is not waited for
         if self._store is not None:
             self._store.close()
-        self._handlers.shutdown(wait=False)
+        for pool in (self._handlers, self._probes, self._refusals):
+            pool.shutdown(wait=False)
         return finished
 
 

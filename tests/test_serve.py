@@ -477,6 +477,35 @@ def test_a_full_queue_is_resource_exhausted(controlled, clips):
         assert len(running.result(timeout=30).embedding) == len(waiting.result(timeout=30).embedding) == 192
 
 
+def test_health_answers_at_once_while_hundreds_of_calls_wait_or_are_refused(tmp_path, model_file, onnx_embedder, clips):
+    model = ControlledEmbedder(onnx_embedder)
+    config = ServerConfig(model=model_file, port=0, enroll_db=tmp_path / "e.sqlite", handler_threads=4, max_queue=8)
+    server = started(config, model)
+    model.gate.clear()  # inference never finishes while the probes run: every handler thread stays busy
+    channels = [grpc.insecure_channel(server.address) for _ in range(10)]
+    try:
+        request = pb.EmbedRequest(audio=pb.Audio(content=clips[0]))
+        calls = [pb_grpc.SpeakerServiceStub(channels[i % 10]).Embed.future(request) for i in range(400)]
+        probes = [health_pb2_grpc.HealthStub(channels[i % 10]).Check.future(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5) for i in range(15)]
+        assert [probe.result().status for probe in probes] == [health_pb2.HealthCheckResponse.SERVING] * 15
+        held = config.handler_threads + config.max_queue
+        wait_until(lambda: sum(call.done() for call in calls) == len(calls) - held)
+        assert server.calls_held == held
+        refused = [call for call in calls if call.done()]
+        assert {call.code() for call in refused} == {CODE.RESOURCE_EXHAUSTED}
+        assert "busy" in refused[0].details()
+        status = health_pb2_grpc.HealthStub(channels[0]).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        model.gate.set()
+        assert all(len(call.result(timeout=60).embedding) == 192 for call in calls if call not in refused)
+    finally:
+        model.gate.set()
+        for channel in channels:
+            channel.close()
+        server.drain(0)
+
+
 def test_an_enrollment_whose_caller_gave_up_is_never_stored(controlled, clips):
     server, model = controlled
     model.gate.clear()  # inference blocks until the test lets it go

@@ -55,8 +55,13 @@ def serve(
                                     help="Threads per inference call [default: cores / workers].")
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Inference calls run at once; they share the cores.")] = 1,
+    handler_threads: Annotated[
+        int, typer.Option("--handler-threads", min=1,
+                          help="Calls handled at once (decoding, features, waiting for inference).")
+    ] = 32,
     max_queue: Annotated[
-        int, typer.Option("--max-queue", min=1, help="Requests that may wait for inference; more are RESOURCE_EXHAUSTED.")
+        int, typer.Option("--max-queue", min=1, help="Calls that may wait for a handler thread, and inputs that may "
+                                                      "wait for inference; more are RESOURCE_EXHAUSTED.")
     ] = 256,
     grace_seconds: Annotated[
         float, typer.Option("--grace-seconds", min=0.0, help="On SIGTERM, how long calls in flight may take to finish.")
@@ -69,7 +74,8 @@ def serve(
         enroll_db=enroll_db, max_audio_seconds=max_audio_seconds, max_recordings=max_recordings,
         max_call_seconds=max_call_seconds, threshold=threshold, engine=engine.value,
         precision=precision.value, threads=threads,
-        workers=workers, max_queue=max_queue, grace_seconds=grace_seconds,
+        workers=workers, handler_threads=handler_threads, max_queue=max_queue,
+        grace_seconds=grace_seconds,
     )
 
     def announce(server: SpeakerServer) -> None:
