@@ -83,6 +83,10 @@ class UnknownSpeakerError(EnrollmentError):
     """A speaker that is not enrolled."""
 
 
+class StoreUnavailableError(EnrollmentError):
+    """The enrollment database cannot be reached now; the call may be retried."""
+
+
 class ModelError(SpkftError):
     """An exported (ONNX) model file that is missing, unreadable or not a speaker-embedding model."""
 

@@ -109,7 +109,15 @@ class SpeakerClient:
         return self._call(self.stub.Identify, pb.IdentifyRequest(audio=to_audio(audio), top_k=top_k))
 
     def speakers(self) -> pb.ListSpeakersResponse:
-        return self._call(self.stub.ListSpeakers, pb.ListSpeakersRequest())
+        """Every enrolled speaker, gathered from as many pages as the server gives."""
+        everyone = pb.ListSpeakersResponse()
+        token = ""
+        while True:
+            page = self._call(self.stub.ListSpeakers, pb.ListSpeakersRequest(page_token=token))
+            everyone.speakers.extend(page.speakers)
+            token = page.next_page_token
+            if not token:
+                return everyone
 
     def delete(self, speaker_id: str) -> pb.DeleteSpeakerResponse:
         return self._call(self.stub.DeleteSpeaker, pb.DeleteSpeakerRequest(speaker_id=speaker_id))

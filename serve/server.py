@@ -19,8 +19,11 @@ Shape of a running server:
   Audio longer than ``max_audio_seconds``, or holding more samples (frames times channels) than
   that much 48 kHz stereo, is INVALID_ARGUMENT, found from its header before it is decoded.
 
-Enrollments live in SQLite (:class:`~spkft.core.enrollment.EnrollmentStore`), tied to the served
-model by the SHA-256 of its file.
+Enrollments live in a SQLite file owned by this server, or in a PostgreSQL database that replicas
+share (:class:`~spkft.core.enrollment.EnrollmentStore`), tied to the served model by the SHA-256
+of its file. While a PostgreSQL store is unreachable, the service's health
+(``spkft.v1.SpeakerService``) is NOT_SERVING and calls that need the database are UNAVAILABLE;
+the server's overall health (``""``) stays SERVING, since embedding and search still work.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from prometheus_client import start_http_server
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
@@ -49,6 +53,7 @@ from spkft.core.onnx_model import OnnxEmbedder, engine_choice_problems
 from spkft.serve.admission import PROBE_THREADS, REFUSAL_THREADS, Admission, CallCounter, add_health_to_server
 from spkft.serve.auth import BearerTokenInterceptor
 from spkft.serve.batching import BatchedEmbedder, Batcher
+from spkft.serve.metrics import CallObserver, Metrics
 from spkft.serve.service import MAX_SAMPLES_PER_SECOND, SERVICE_NAME, ServedModel, SpeakerService, add_to_server
 
 log = logging.getLogger(__name__)
@@ -73,7 +78,7 @@ class ServerConfig:
     auth_token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    enroll_db: Path = Path("enrollments.sqlite")
+    enroll_db: str | Path = Path("enrollments.sqlite")  # a SQLite file, or a postgresql:// URL
     max_audio_seconds: float = 60.0
     max_recordings: int = 32  # per EnrollSpeaker call
     max_call_seconds: float | None = None  # audio in one call, all recordings together; 5 x max_audio_seconds
@@ -92,6 +97,8 @@ class ServerConfig:
     batch_wait_seconds: float = 0.0
     handler_threads: int = 32
     grace_seconds: float = 30.0
+    metrics_port: int | None = None  # Prometheus metrics over HTTP on this port (0: a free one); off when None
+    access_log: bool = False  # one log record per call (spkft serve --log-format json makes them JSON lines)
 
     @property
     def max_message_bytes(self) -> int:
@@ -115,6 +122,8 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         problems += engine_choice_problems(self.engine, self.precision)
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            problems.append(f"the metrics port must be in 0-65535, got {self.metrics_port}")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads must be at least 1, got {self.threads}")
         if problems:
@@ -137,8 +146,13 @@ class SpeakerServer:
         self._refusals = ThreadPoolExecutor(REFUSAL_THREADS, thread_name_prefix="spkft-refuse")
         interceptors = [Admission((SERVICE_NAME,), self._handlers, config.handler_threads + config.max_queue,
                                   self._refusals)]
-        if config.auth_token:  # first: a call without the token is refused before it counts
+        if config.auth_token:  # before admission: a call without the token is refused before it counts
             interceptors.insert(0, BearerTokenInterceptor(config.auth_token, refusals=self._refusals))
+        self.metrics = Metrics() if config.metrics_port is not None else None
+        if self.metrics is not None or config.access_log:  # first: it sees every call, refusals included
+            interceptors.insert(0, CallObserver((SERVICE_NAME,), self.metrics, config.access_log))
+        self.metrics_port: int | None = None
+        self._metrics_http = None
         self._grpc = grpc.server(
             self._handlers,
             interceptors=interceptors,
@@ -154,6 +168,7 @@ class SpeakerServer:
         self.port = self._bind()
         self._batcher: Batcher | None = None
         self._store: EnrollmentStore | None = None
+        self._draining = False
 
     @property
     def address(self) -> str:
@@ -162,6 +177,10 @@ class SpeakerServer:
     @property
     def batcher(self) -> Batcher | None:
         return self._batcher
+
+    @property
+    def store(self) -> EnrollmentStore | None:
+        return self._store
 
     @property
     def calls_held(self) -> int:
@@ -190,9 +209,33 @@ class SpeakerServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
 
+    def _store_reachable(self, reachable: bool) -> None:
+        if self._draining:
+            return
+        serving = health_pb2.HealthCheckResponse.SERVING if reachable else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set(SERVICE_NAME, serving)
+        if not reachable:
+            log.warning("the enrollment store is unreachable: %s reports NOT_SERVING until it is back", SERVICE_NAME)
+
     def start(self) -> None:
         """Accept calls: health answers at once; the speaker service is UNAVAILABLE until :meth:`load`."""
+        if self.metrics is not None:
+            self._serve_metrics()
         self._grpc.start()
+
+    def _serve_metrics(self) -> None:
+        metrics = self.metrics
+        address = f"{self.config.host}:{self.config.metrics_port}"
+        try:
+            self._metrics_http, _ = start_http_server(self.config.metrics_port, addr=self.config.host,
+                                                      registry=metrics.registry)
+        except OSError as exc:
+            raise ServerError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+        self.metrics_port = self._metrics_http.server_port
+        metrics.calls_held.set_function(lambda: self._handlers.held)
+        metrics.queue_depth.set_function(lambda: self._batcher.pending if self._batcher is not None else 0)
+        metrics.speakers.set_function(lambda: len(self._store) if self._store is not None else 0)
+        metrics.store_up.set_function(lambda: float(self._store is not None and self._store.reachable))
 
     def load(self, model: OnnxEmbedder | None = None) -> None:
         """Load the model (from ``config.model`` unless given) and the enrollment store, then report SERVING."""
@@ -203,9 +246,10 @@ class SpeakerServer:
             model = OnnxEmbedder.from_file(config.model, threads=threads, engine=config.engine,
                                            precision=config.precision, parallel_calls=config.workers)
         store = EnrollmentStore(config.enroll_db, _fingerprint(config.model), model.embedding_dim)
+        store.on_reachability(self._store_reachable)
         default_threshold = model.default_threshold if config.threshold is None else config.threshold
         self._batcher = Batcher(
-            model.embed_batch,
+            model.embed_batch if self.metrics is None else self.metrics.timed(model.embed_batch),
             workers=config.workers,
             max_queue=config.max_queue,
             max_batch=config.max_batch,
@@ -216,7 +260,12 @@ class SpeakerServer:
         self.service.serve(ServedModel(BatchedEmbedder(model, self._batcher), store, config.model.stem,
                                        dict(model.metadata), default_threshold, model.engine.name,
                                        model.engine.precision))
+        if self.metrics is not None:
+            self.metrics.model.info({"model": config.model.stem, "engine": model.engine.name,
+                                     "precision": model.engine.precision, "enrollment_store": store.kind})
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if not store.reachable:
+            self._store_reachable(False)
         log.info("serving %s on %s (%s, %s)", config.model, self.address, model.engine.name, model.engine.precision)
 
     def drain(self, grace_seconds: float | None = None) -> bool:
@@ -227,6 +276,7 @@ class SpeakerServer:
         call finished in time.
         """
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        self._draining = True
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         finished = self.service.drain(grace)
         stopped = self._grpc.stop(0)
@@ -238,6 +288,9 @@ class SpeakerServer:
             self._store.close()
         for pool in (self._handlers, self._probes, self._refusals):
             pool.shutdown(wait=False)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         return finished
 
 

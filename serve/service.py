@@ -3,13 +3,15 @@
 Every RPC runs in a gRPC request thread: it checks the request, decodes its audio and computes
 fbank there, and waits for the network on the shared :class:`~spkft.serve.batching.Batcher`.
 Failures leave as gRPC status codes (see :func:`status_of`): bad input is INVALID_ARGUMENT,
-an unknown speaker NOT_FOUND, a full queue RESOURCE_EXHAUSTED; anything unexpected is logged
+an unknown speaker NOT_FOUND, a full queue RESOURCE_EXHAUSTED, an unreachable enrollment
+database UNAVAILABLE; anything unexpected is logged
 here with its traceback and reaches the client as INTERNAL with a reference to that log line,
 never as UNKNOWN with a traceback.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 import math
@@ -25,9 +27,10 @@ from google.protobuf.message import DecodeError
 from spkft.core.audio import Waveform, decode_pcm, load_audio
 from spkft.core.embedding import Embedding, SpeakerEmbedder
 from spkft.core.enrollment import EnrollmentStore, check_speaker_id
-from spkft.core.errors import AudioError, EnrollmentError, InputTooShortError, UnknownSpeakerError
+from spkft.core.errors import AudioError, EnrollmentError, InputTooShortError, StoreUnavailableError, UnknownSpeakerError
 from spkft.core.features import SAMPLE_RATE, fbank
 from spkft.serve.batching import BatcherClosedError, QueueFullError
+from spkft.serve.metrics import note_audio
 from spkft.serve.v1 import speaker_service_pb2 as pb
 from spkft.serve.v1 import speaker_service_pb2_grpc as pb_grpc
 
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeakerService"].full_name
 MAX_TOP_K = 1000
+DEFAULT_PAGE_SIZE = 1000  # ListSpeakers
+MAX_PAGE_SIZE = 10_000
 # A request's audio is at most 48 kHz stereo: samples (frames times channels) per second of it.
 MAX_SAMPLES_PER_SECOND = 48_000 * 2
 _PCM_FORMATS = {pb.SAMPLE_FORMAT_INT16: "int16", pb.SAMPLE_FORMAT_FLOAT32: "float32"}
@@ -62,6 +67,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc``; unexpected errors are logged here."""
     if isinstance(exc, UnknownSpeakerError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, StoreUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, (InvalidRequestError, AudioError, InputTooShortError, EnrollmentError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, QueueFullError):
@@ -162,7 +169,7 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
 
     @_rpc
     def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
-        threshold = self._threshold(request)
+        threshold = self._threshold(request)  # checked before any audio is decoded
         reference = request.WhichOneof("reference")
         if reference is None:
             raise InvalidRequestError("set reference_audio or speaker_id")
@@ -172,6 +179,8 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
             claimed = self._embed(request.reference_audio, "reference_audio", context).vector
         test = self._embed(_required(request, "test_audio"), "test_audio", context).vector
         score = float(np.clip(np.dot(claimed, test), -1.0, 1.0))
+        if threshold is None:  # no threshold anywhere: the score is the answer
+            return pb.VerifyResponse(score=score)
         return pb.VerifyResponse(score=score, threshold=threshold, accepted=score >= threshold)
 
     @_rpc
@@ -212,9 +221,16 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
 
     @_rpc
     def ListSpeakers(self, request: pb.ListSpeakersRequest, context) -> pb.ListSpeakersResponse:
-        speakers = self.model.store.speakers()
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise InvalidRequestError(f"page_size must be between 0 and {MAX_PAGE_SIZE} (0 means "
+                                      f"{DEFAULT_PAGE_SIZE}), got {request.page_size}")
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        after = _page_position(request.page_token) if request.page_token else None
+        speakers = self.model.store.speakers(after=after, limit=size + 1)  # one more says whether a page follows
+        page = speakers[:size]
         return pb.ListSpeakersResponse(
-            speakers=[pb.Speaker(speaker_id=s.speaker_id, utterance_count=s.utterance_count) for s in speakers]
+            speakers=[pb.Speaker(speaker_id=s.speaker_id, utterance_count=s.utterance_count) for s in page],
+            next_page_token=_page_token(page[-1].speaker_id) if len(speakers) > size else "",
         )
 
     @_rpc
@@ -236,16 +252,12 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
             precision=model.precision,
         )
 
-    def _threshold(self, request: pb.VerifyRequest) -> float:
+    def _threshold(self, request: pb.VerifyRequest) -> float | None:
+        """The request's threshold, else the server's default; None when neither exists."""
         if request.HasField("threshold"):
             if not (math.isfinite(request.threshold) and -1.0 <= request.threshold <= 1.0):
                 raise InvalidRequestError(f"threshold must be in [-1, 1], got {request.threshold}")
             return request.threshold
-        if self.model.default_threshold is None:
-            raise InvalidRequestError(
-                "no threshold: the request gives none and the server has no default "
-                "(start it with --threshold, or serve a model exported with a calibrated threshold)"
-            )
         return self.model.default_threshold
 
     def _embed(self, audio: pb.Audio, name: str, context: grpc.ServicerContext) -> Embedding:
@@ -259,6 +271,7 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
         """The recording's mean-normalised fbank and its length, decoded by at most ``max_preparing`` calls at once."""
         with self._preparing:
             waveform = self._waveform(audio, name)
+            note_audio(waveform.duration_seconds)
             return fbank(waveform.tensor()), waveform.duration_seconds
 
     def _waveform(self, audio: pb.Audio, name: str) -> Waveform:
@@ -282,6 +295,18 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
             max_seconds=self.max_audio_seconds,
             max_samples=self.max_samples,
         )
+
+
+def _page_token(speaker_id: str) -> str:
+    return base64.urlsafe_b64encode(speaker_id.encode()).decode()
+
+
+def _page_position(token: str) -> str:
+    """The last speaker of the previous page, from its token; INVALID_ARGUMENT for a token this server did not make."""
+    try:
+        return base64.urlsafe_b64decode(token.encode("ascii")).decode()
+    except (ValueError, UnicodeError):
+        raise InvalidRequestError("page_token is not one this server gave (use next_page_token as it came)") from None
 
 
 def _still_active(context: grpc.ServicerContext) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +98,85 @@ def home(tmp_path, monkeypatch, server, tiny_bytes) -> Path:
     monkeypatch.chdir(tmp_path)
     server.files[(TINY.model_id, TINY.revision, TINY.file)] = tiny_bytes
     return tmp_path / "home"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The URL of the test PostgreSQL server (.ci/run starts one and sets SPKFT_TEST_POSTGRES)."""
+    url = os.environ.get("SPKFT_TEST_POSTGRES")
+    if not url:
+        pytest.skip("no PostgreSQL to test with: set SPKFT_TEST_POSTGRES to a server's URL "
+                    "(.ci/run starts a throwaway one with .ci/postgres)")
+    return url
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the test server, dropped afterwards."""
+    import psycopg
+
+    name = f"spkft_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield postgres_server.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_control(postgres_server):
+    """Stops and starts the test PostgreSQL server (a cluster that .ci/postgres made); restarts it after the test."""
+    cluster = os.environ.get("SPKFT_TEST_POSTGRES_DIR")
+    if not cluster:
+        pytest.skip("cannot stop and start the test PostgreSQL: set SPKFT_TEST_POSTGRES_DIR to the cluster "
+                    "folder that .ci/postgres made")
+    script = Path(__file__).resolve().parents[1] / ".ci" / "postgres"
+
+    def control(action: str) -> None:
+        subprocess.run([script, action, cluster], check=True, timeout=120)
+
+    yield control
+    import psycopg
+
+    try:
+        psycopg.connect(postgres_server, connect_timeout=2).close()
+    except psycopg.OperationalError:
+        control("start")
+
+
+# ---------------------------------------------------------------- the served tiny model and its audio
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny reference model, exported to ONNX."""
+    from spkft.core.export import export_onnx
+
+    output = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    export_onnx(tiny_checkpoint, output)
+    return output
+
+
+@pytest.fixture(scope="session")
+def onnx_embedder(model_file):
+    from spkft.core.onnx_model import OnnxEmbedder
+
+    return OnnxEmbedder.from_file(model_file, threads=1)
+
+
+@pytest.fixture(scope="session")
+def clips(speech) -> list[bytes]:
+    """WAV bytes of real speech: 1.5 s, 1.5 s (a batch partner of the first), 2 s and 1.2 s."""
+    from serve_helpers import wav_bytes
+
+    data, rate = speech
+    bounds = [(0.0, 1.5), (1.5, 3.0), (3.0, 5.0), (5.0, 6.2)]
+    return [wav_bytes(data[int(a * rate) : int(b * rate)], rate) for a, b in bounds]
+
+
+@pytest.fixture(scope="session")
+def other_speaker(librispeech_dir) -> bytes:
+    from serve_helpers import wav_bytes
+
+    data, rate = sf.read(librispeech_dir / "1034-121119-0000.flac", dtype="float32")
+    return wav_bytes(data[: 2 * rate], rate)

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import selectors
 import shutil
 import signal
 import subprocess
@@ -30,63 +29,23 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from typer.testing import CliRunner
 
 from spkft.core.errors import EnrollmentError
-from spkft.core.export import export_onnx
 from spkft.core.onnx_model import OnnxEmbedder
 from spkft.serve import codegen
 from spkft.serve.batching import Batcher, BatcherClosedError
 from spkft.serve.client import ServiceError, SpeakerClient
-from spkft.serve.server import ServerConfig, ServerError, SpeakerServer, create_server
+from spkft.serve.server import ServerConfig, ServerError, create_server
 from spkft.serve.service import SERVICE_NAME
 from spkft.serve.v1 import speaker_service_pb2 as pb
 from spkft.serve.v1 import speaker_service_pb2_grpc as pb_grpc
 from spkft.tui.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+from serve_helpers import ROOT, SPKFT, read_line, spawn_server, started, wait_until, wav_bytes
+
 CODE = grpc.StatusCode
 MAX_AUDIO_SECONDS = 20.0
-SPKFT = [sys.executable, "-m", "spkft.tui.cli"]
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def model_file(tmp_path_factory, tiny_checkpoint) -> Path:
-    output = tmp_path_factory.mktemp("model") / "tiny.onnx"
-    export_onnx(tiny_checkpoint, output)
-    return output
-
-
-@pytest.fixture(scope="session")
-def onnx_embedder(model_file) -> OnnxEmbedder:
-    return OnnxEmbedder.from_file(model_file, threads=1)
-
-
-def wav_bytes(samples: np.ndarray, rate: int = 16000, fmt: str = "WAV") -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format=fmt, subtype="PCM_16" if fmt == "WAV" else None)
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="session")
-def clips(speech) -> list[bytes]:
-    """WAV bytes of real speech: 1.5 s, 1.5 s (a batch partner of the first), 2 s and 1.2 s."""
-    data, rate = speech
-    bounds = [(0.0, 1.5), (1.5, 3.0), (3.0, 5.0), (5.0, 6.2)]
-    return [wav_bytes(data[int(a * rate) : int(b * rate)], rate) for a, b in bounds]
-
-
-@pytest.fixture(scope="session")
-def other_speaker(librispeech_dir) -> bytes:
-    data, rate = sf.read(librispeech_dir / "1034-121119-0000.flac", dtype="float32")
-    return wav_bytes(data[: 2 * rate], rate)
-
-
-def started(config: ServerConfig, model: OnnxEmbedder) -> SpeakerServer:
-    server = create_server(config)
-    server.start()
-    server.load(model)
-    return server
 
 
 @pytest.fixture(scope="module")
@@ -454,13 +413,6 @@ def controlled(tmp_path, model_file, onnx_embedder):
     server.drain(0)
 
 
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_a_full_queue_is_resource_exhausted(controlled, clips):
     server, model = controlled
     model.gate.clear()
@@ -678,30 +630,6 @@ def test_client_commands(server, clips, other_speaker, tmp_path):
 
 
 # ---------------------------------------------------------------- spkft serve in a subprocess
-
-
-def spawn_server(*args: str, code: str | None = None) -> tuple[subprocess.Popen, str]:
-    """Run ``spkft serve --port 0 ...`` (or ``python -c code serve ...``); wait for it to listen."""
-    command = [sys.executable, "-c", code, "serve"] if code else [*SPKFT, "serve"]
-    process = subprocess.Popen([*command, "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT)
-    line = read_line(process, "listening on")
-    return process, line.split("listening on ")[1].split()[0]
-
-
-def read_line(process: subprocess.Popen, marker: str, timeout: float = 90.0) -> str:
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if selector.select(timeout=1.0):
-            line = process.stdout.readline()
-            if marker in line:
-                return line
-            if not line:
-                break
-    process.kill()
-    raise AssertionError(f"no {marker!r} from the server: {process.communicate()[1][-2000:]}")
 
 
 def test_enrollments_survive_kill_9_and_a_restart(tmp_path, model_file, clips, other_speaker):

@@ -111,14 +111,20 @@ class SpeakerMatch(_message.Message):
     def __init__(self, speaker_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ListSpeakersRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListSpeakersResponse(_message.Message):
-    __slots__ = ("speakers",)
+    __slots__ = ("speakers", "next_page_token")
     SPEAKERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     speakers: _containers.RepeatedCompositeFieldContainer[Speaker]
-    def __init__(self, speakers: _Optional[_Iterable[_Union[Speaker, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, speakers: _Optional[_Iterable[_Union[Speaker, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Speaker(_message.Message):
     __slots__ = ("speaker_id", "utterance_count")

@@ -84,8 +84,8 @@ class SpeakerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Verify(self, request, context):
-        """The cosine score of a recording against another recording or an enrolled speaker, and
-        whether it reaches the threshold.
+        """The cosine score of a recording against another recording or an enrolled speaker and,
+        when a threshold is known, whether it reaches it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +106,7 @@ class SpeakerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSpeakers(self, request, context):
-        """Every enrolled speaker with its number of recordings.
+        """The enrolled speakers with their numbers of recordings, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,6 +45,7 @@ COMMANDS = {
                               "until SIGTERM."),
     "client": Command("client", "Call a running spkft server: embed, verify, enroll, identify and manage "
                                 "speakers."),
+    "enroll-db": Command("enroll_db", "Enrollment stores: move one between SQLite and PostgreSQL."),
 }
 
 

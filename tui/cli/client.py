@@ -108,9 +108,13 @@ def verify(
     with _connect(server, auth_token, tls_ca, tls) as client:
         with _files_named({"test_audio": test, "reference_audio": reference}):
             result = client.verify(test, reference=reference, speaker_id=speaker, threshold=threshold)
+    decided = result.HasField("accepted")
     if as_json:
         _json({"test": str(test), "reference": str(reference) if reference else None, "speaker_id": speaker,
-               "score": round(result.score, 6), "threshold": round(result.threshold, 6), "accepted": result.accepted})
+               "score": round(result.score, 6), "threshold": round(result.threshold, 6) if decided else None,
+               "accepted": result.accepted if decided else None})
+    elif not decided:
+        typer.echo(f"score {result.score:.4f} (no threshold: the server has none; give --threshold for a decision)")
     else:
         relation = ">=" if result.accepted else "<"
         verdict = "same speaker" if result.accepted else "different speakers"

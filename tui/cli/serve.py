@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from spkft.core.enrollment import is_database_url
+from spkft.serve.metrics import JsonFormatter
 from spkft.serve.server import ServerConfig, SpeakerServer, run_until_signalled
 from spkft.tui.cli.inference import Engine, EngineOption, Precision, PrecisionOption
+
+
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
 
 
 def serve(
@@ -30,8 +38,10 @@ def serve(
     ] = None,
     tls_key: Annotated[Optional[Path], typer.Option("--tls-key", dir_okay=False, help="PEM private key of --tls-cert.")] = None,
     enroll_db: Annotated[
-        Path, typer.Option("--enroll-db", dir_okay=False, help="SQLite file of enrolled speakers (created if missing).")
-    ] = Path("enrollments.sqlite"),
+        str, typer.Option("--enroll-db", envvar="SPKFT_ENROLL_DB",
+                          help="Enrolled speakers: a SQLite file (created if missing, owned by this server), or "
+                               "postgresql://USER@HOST:PORT/DB, shared by replicas.")
+    ] = "enrollments.sqlite",
     max_audio_seconds: Annotated[
         float, typer.Option("--max-audio-seconds", min=0.1, help="Refuse recordings longer than this.")
     ] = 60.0,
@@ -66,16 +76,25 @@ def serve(
     grace_seconds: Annotated[
         float, typer.Option("--grace-seconds", min=0.0, help="On SIGTERM, how long calls in flight may take to finish.")
     ] = 30.0,
+    metrics_port: Annotated[
+        Optional[int], typer.Option("--metrics-port", min=0, max=65535, show_default=False,
+                                    help="Serve Prometheus metrics over HTTP on this port, on --host [default: off].")
+    ] = None,
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="text, or json: one JSON object per line, with an access "
+                                                     "line for every call (RPC, code, milliseconds, audio seconds, peer).")
+    ] = LogFormat.text,
 ) -> None:
     """Serve speaker embedding, verification, enrollment and identification over gRPC until SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(log_format)
+    enroll_db = enroll_db if is_database_url(enroll_db) else Path(enroll_db)
     config = ServerConfig(
         model=model, host=host, port=port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
         enroll_db=enroll_db, max_audio_seconds=max_audio_seconds, max_recordings=max_recordings,
         max_call_seconds=max_call_seconds, threshold=threshold, engine=engine.value,
         precision=precision.value, threads=threads,
         workers=workers, handler_threads=handler_threads, max_queue=max_queue,
-        grace_seconds=grace_seconds,
+        grace_seconds=grace_seconds, metrics_port=metrics_port, access_log=log_format is LogFormat.json,
     )
 
     def announce(server: SpeakerServer) -> None:
@@ -83,11 +102,21 @@ def serve(
             ["TLS" if tls_cert else "plaintext", "bearer token required" if config.auth_token else "no auth"]
         )
         served = server.service.model
+        metrics = f"; metrics on http://{host}:{server.metrics_port}/metrics" if server.metrics_port is not None else ""
         typer.echo(f"spkft serve: listening on {server.address} ({security}); model {model} "
-                   f"({served.engine}, {served.precision}), enrollments in {enroll_db}")
+                   f"({served.engine}, {served.precision}), enrollments in {server.store.location}{metrics}")
 
     run_until_signalled(config, announce)
     typer.echo("spkft serve: stopped")
+
+
+def _configure_logging(log_format: LogFormat) -> None:
+    handler = logging.StreamHandler()
+    if log_format is LogFormat.json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def register(app: typer.Typer) -> None:
