@@ -147,6 +147,7 @@ class Postgres:
             subprocess.run([ROOT / ".ci" / "postgres", "init", self.cluster, str(port)], check=True)
             url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         self.url = url
+        self.made: list[str] = []  # databases to drop at the end
 
     def database(self) -> str:
         import psycopg
@@ -154,9 +155,15 @@ class Postgres:
         name = f"spkft_bench_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
+        self.made.append(name)
         return self.url.rsplit("/", 1)[0] + "/" + name
 
     def close(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            for name in self.made:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         if self.cluster is not None:
             subprocess.run([ROOT / ".ci" / "postgres", "stop", self.cluster], check=False)
             shutil.rmtree(self.cluster, ignore_errors=True)

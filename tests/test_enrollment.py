@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from spkft.core.embedding import l2_normalise
+from spkft.core import enrollment
 from spkft.core.enrollment import EnrollmentStore, open_backend
 from spkft.core.errors import EnrollmentError, StoreUnavailableError, UnknownSpeakerError
 
@@ -287,3 +288,22 @@ def test_speakers_are_listed_in_code_point_order_a_page_at_a_time(location):
         pages.append([s.speaker_id for s in page])
         after = page[-1].speaker_id
     assert [len(p) for p in pages] == [3, 3, 1] and sum(pages, []) == everyone
+
+
+@pytest.mark.parametrize("parallel_rows", [100_000, 500], ids=["one scan", "scan split across threads"])
+def test_search_finds_the_exact_top_matches_among_many_speakers(tmp_path, monkeypatch, parallel_rows):
+    # With more speakers than candidates, the int8 scan picks candidates and float32 scores them.
+    monkeypatch.setattr(enrollment, "PARALLEL_SCAN_ROWS", parallel_rows)
+    rng = np.random.default_rng(5)
+    dim = 64
+    vectors = rng.standard_normal((3000, dim))
+    store = store_at(tmp_path / "e.sqlite", dim=dim)
+    for i, vector in enumerate(vectors):
+        store.enroll(f"s{i:04d}", vector)
+    unit = l2_normalise(vectors)
+    for query in rng.standard_normal((20, dim)):
+        exact = unit @ l2_normalise(query)
+        best = np.argsort(-exact)[:5]
+        matches = store.identify(query, top_k=5)
+        assert [m.speaker_id for m in matches] == [f"s{i:04d}" for i in best]
+        np.testing.assert_allclose([m.score for m in matches], exact[best], atol=SEARCH_ATOL)
