@@ -83,7 +83,7 @@ def adapt_checkpoint(
     embeddings = embed_recordings(Embedder(loaded.model, device), report.recordings, embed_progress)
     vectors = np.stack([embeddings[r.utt_id] for r in report.recordings])
     adaptation, _ = fit_adaptation(vectors, speakers, method=method, shrinkage=shrinkage,
-                                   source=_describe_source(report))
+                                   source=report.source_label)
 
     stored = _adapted_checkpoint(loaded, adaptation)
     with staged(output) as tmp:
@@ -104,8 +104,3 @@ def _adapted_checkpoint(loaded: LoadedModel, adaptation: Adaptation) -> dict[str
         return embedding_checkpoint(loaded.model, loaded.variant, adaptation=adaptation.to_dict())
     kept = {k: v for k, v in loaded.checkpoint.items() if k not in ("adaptation", "evaluation")}
     return kept | {"adaptation": adaptation.to_dict()}
-
-
-def _describe_source(report: ScanReport) -> str:
-    """``csv:emodb-10spk/manifest.csv``: the layout and the last two parts of the path, no home folders."""
-    return f"{report.kind.value}:{'/'.join(report.source.parts[-2:])}"

@@ -17,7 +17,6 @@ in this package (``core/models/``), needs no download and is never copied into t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -31,6 +30,7 @@ import platformdirs
 
 from spkft.core.download import DownloadError, Progress, download
 from spkft.core.errors import CheckpointError
+from spkft.core.files import sha256_of
 
 DEFAULT_ENDPOINT = "https://www.modelscope.cn"
 ENDPOINT_VARIABLE = "SPKFT_MODEL_ENDPOINT"
@@ -262,7 +262,7 @@ def _write_record(entry: ReleasedModel, path: Path, source: str) -> None:
     stat = path.stat()
     record = {
         "name": entry.name, "model_id": entry.model_id, "revision": entry.revision, "file": entry.file,
-        "source": source, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path),
+        "source": source, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_of(path),
         "verified": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     _record_path(path).write_text(json.dumps(record, indent=1) + "\n")
@@ -281,11 +281,3 @@ def cache_record(entry: ReleasedModel) -> dict[str, Any] | None:
                and record.get("revision") == entry.revision and record.get("bytes") == stat.st_size
                and record.get("mtime_ns") == stat.st_mtime_ns)
     return record if vouches else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -21,7 +21,19 @@ the dynamo exporter takes far longer for the same graph. The file's custom metad
   ``spkft_adaptation`` (``center``, ``whiten`` or ``wccn``), ``spkft_adaptation_recordings``,
   ``spkft_adaptation_speakers`` (when it was fitted with labels), ``spkft_adaptation_shrinkage``
   and ``spkft_adaptation_source``;
-- in an int8 file only: ``spkft_quantization`` (``int8``).
+- in an int8 file only (:mod:`spkft.core.quantize`): ``spkft_quantization`` (``int8``);
+  ``spkft_eer``, ``spkft_min_dcf``, their thresholds, the thresholds at each false-accept rate and
+  the trial counts as measured on the int8 model itself, and ``spkft_threshold`` its EER threshold
+  (unless one was given); ``spkft_fp32_eer``, ``spkft_fp32_eer_threshold``,
+  ``spkft_fp32_min_dcf`` and ``spkft_fp32_min_dcf_threshold`` of the fp32 file on the same
+  trials; ``spkft_int8_eer_increase`` (relative), ``spkft_int8_max_eer_increase`` (the
+  tolerance), ``spkft_int8_check`` (``passed``, or ``forced``), ``spkft_int8_calibration`` (how
+  many crops of what) and ``spkft_int8_source_sha256`` (of the fp32 file: serving takes a twin
+  only for the file it was made from).
+
+With ``quantize="int8"`` the fp32 file is written first, then its int8 twin
+(``<stem>.int8.onnx``) only if its EER on the evaluation trials is within the tolerance of the
+fp32 file's on the same trials, both measured in OpenVINO, which serves them.
 
 An adaptation is part of the ONNX graph (the network's output, normalised, minus the domain's
 mean, times the transform), so the file embeds exactly as the adapted checkpoint does in spkft.
@@ -38,13 +50,11 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import time
 import warnings
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -56,10 +66,32 @@ from spkft.core.average import average_checkpoints
 from spkft.core.checkpoint import LoadedModel, load_model, model_from_checkpoint
 from spkft.core.embedding import Embedder, SpeakerEmbedder
 from spkft.core.errors import ExportError, ModelError, first_line
+from spkft.core.evaluate import evaluate
 from spkft.core.features import SAMPLE_RATE
-from spkft.core.files import staged
+from spkft.core.files import sha256_of, staged
+from spkft.core.metrics import VerificationMetrics
 from spkft.core.model import MIN_FRAMES
-from spkft.core.onnx_model import INPUT_NAME, OUTPUT_NAME, THRESHOLD_KEY, VARIANT_KEY, OnnxEmbedder
+from spkft.core.onnx_model import (
+    INPUT_NAME,
+    INT8_CHECK_KEY,
+    INT8_SOURCE_KEY,
+    OUTPUT_NAME,
+    QUANTIZATION_KEY,
+    THRESHOLD_KEY,
+    VARIANT_KEY,
+    OnnxEmbedder,
+    int8_twin,
+)
+from spkft.core.quantize import (
+    MIN_OPSET as MIN_INT8_OPSET,
+    EerRoseError,
+    Int8Settings,
+    QuantizationData,
+    calibration_features,
+    eer_increase,
+    quantization_data,
+    quantize_static,
+)
 
 DEFAULT_OPSET = 17
 # What torch.onnx.export(dynamo=False) writes in torch 2.11; outside it, it fails after dumping its whole graph.
@@ -67,8 +99,6 @@ MIN_OPSET, MAX_OPSET = 9, 20
 DEFAULT_LANGUAGE = "unspecified"
 ADAPTATION_KEY = "spkft_adaptation"
 MIN_COSINE = 0.99999
-# int8 weights cannot meet MIN_COSINE; below this the quantized model is broken, not just coarser.
-MIN_QUANTIZED_COSINE = 0.9
 BATCH_SIZES = (1, 2, 4)
 # The shortest legal input, an odd length the strides do not divide, and four seconds.
 FRAME_COUNTS = (MIN_FRAMES, 137, 400)
@@ -87,9 +117,20 @@ class Agreement:
 
 @dataclass(frozen=True)
 class QuantizedModel:
+    """The int8 twin as written, and both models' figures on the same trials."""
+
     path: Path
     size_bytes: int
-    agreement: Agreement  # against the fp32 ONNX model
+    fp32: VerificationMetrics
+    int8: VerificationMetrics
+    evaluation_source: str  # "validation" for the run's validation trials, else the data given
+    calibration: str  # how many crops of what
+    max_eer_increase: float
+    forced: bool  # written despite an EER increase beyond max_eer_increase
+
+    @property
+    def eer_increase(self) -> float:
+        return eer_increase(self.fp32.eer, self.int8.eer)
 
 
 @dataclass(frozen=True)
@@ -116,20 +157,27 @@ def export_onnx(
     language: str = DEFAULT_LANGUAGE,
     threshold: float | None = None,
     quantize: str | None = None,
+    int8: Int8Settings = Int8Settings(),
+    note: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Export a checkpoint to ONNX, check it against PyTorch, and write it (and an int8 copy if asked).
+    """Export a checkpoint to ONNX, check it against PyTorch, and write it (and an int8 twin if asked).
 
     ``threshold`` overrides the calibrated decision threshold stored in the metadata; with
-    ``quantize="int8"`` a dynamically quantized copy is written beside the output as ``<stem>.int8.onnx``.
-    A list of checkpoints exports their average (:func:`~spkft.core.average.average_checkpoints`).
+    ``quantize="int8"`` a statically quantized twin is written beside the output as
+    ``<stem>.int8.onnx`` (see :func:`export_int8`, which ``int8`` and ``note`` go to). A list of
+    checkpoints exports their average (:func:`~spkft.core.average.average_checkpoints`).
     """
     if quantize not in (None, "int8"):
         raise ExportError(f"unknown quantization {quantize!r}; the only one is int8")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"ONNX opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET}")
+    if quantize == "int8" and opset < MIN_INT8_OPSET:
+        raise ExportError(f"int8 needs ONNX opset {MIN_INT8_OPSET} or later (per-channel quantization), got {opset}")
     started = time.monotonic()
     output = Path(output)
     loaded = _load(checkpoint, variant)
+    # Scanned before the slow part, so that missing data fails in seconds.
+    data = quantization_data(loaded.checkpoint, int8) if quantize == "int8" else None
     model = loaded.inference_model
     metadata = onnx_metadata(loaded.variant, model.config.to_dict(), loaded.checkpoint, language, threshold,
                              loaded.adaptation)
@@ -144,9 +192,59 @@ def export_onnx(
                 f"onnxruntime disagrees with PyTorch (worst cosine {parity.worst_cosine:.7f} < {MIN_COSINE}, "
                 f"max abs diff {parity.max_abs_diff:.3g}); {output} was not written"
             )
-    quantized = _quantize_int8(output, metadata) if quantize == "int8" else None
+    quantized = None if data is None else export_int8(output, data, int8, note)
     return ExportResult(output, "onnx", output.stat().st_size, opset, metadata, parity,
                         time.monotonic() - started, quantized)
+
+
+def export_int8(fp32_path: Path, data: QuantizationData, settings: Int8Settings = Int8Settings(),
+                note: Callable[[str], None] | None = None) -> QuantizedModel:
+    """Quantize an exported fp32 model, measure both on ``data``'s trials, and write the int8 twin if it
+    verifies as well (see :mod:`spkft.core.quantize`); otherwise raise :class:`EerRoseError`, which
+    holds both sets of figures. ``note`` hears what is being done, a line per stage.
+    """
+    say = note or (lambda line: None)
+    output = int8_twin(fp32_path)
+    say(f"int8: calibrating on {settings.crops} crops of {data.calibration_source}")
+    quantized = quantize_static(onnx.load(str(fp32_path)), calibration_features(data.calibration, settings.crops))
+    say(f"int8: measuring fp32 and int8 on {len(data.trials)} trials ({data.evaluation_source})")
+    fp32 = evaluate(OnnxEmbedder.from_file(fp32_path, engine="openvino", precision="fp32"),
+                    data.recordings, data.trials).metrics
+    metadata = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
+    with staged(output) as tmp:
+        onnx.helper.set_model_props(quantized, metadata | {QUANTIZATION_KEY: "int8"})
+        onnx.save(quantized, str(tmp))
+        measured = evaluate(OnnxEmbedder.from_file(tmp, engine="openvino", precision="int8"),
+                            data.recordings, data.trials).metrics
+        increase = eer_increase(fp32.eer, measured.eer)
+        if increase > settings.max_eer_increase and not settings.force:
+            raise EerRoseError(fp32, measured, settings.max_eer_increase, fp32_path, output)
+        result = QuantizedModel(output, 0, fp32, measured, data.evaluation_source,
+                                f"{settings.crops} crops of {data.calibration_source}", settings.max_eer_increase,
+                                forced=increase > settings.max_eer_increase)
+        onnx.helper.set_model_props(quantized, metadata | _int8_metadata(result, metadata, sha256_of(fp32_path)))
+        onnx.save(quantized, str(tmp))
+    return replace(result, size_bytes=output.stat().st_size)
+
+
+def _int8_metadata(result: QuantizedModel, fp32_metadata: dict[str, str], source_sha256: str) -> dict[str, str]:
+    """The int8 file's own figures and threshold, fp32's on the same trials, and how it was made."""
+    metadata = _evaluation_metadata(result.int8.to_dict() | {"data": result.evaluation_source})
+    if fp32_metadata.get("spkft_threshold_source") != "given":
+        metadata |= {THRESHOLD_KEY: repr(result.int8.eer_threshold), "spkft_threshold_source": "eer"}
+    fp32 = result.fp32
+    return metadata | {
+        QUANTIZATION_KEY: "int8",
+        "spkft_fp32_eer": repr(fp32.eer),
+        "spkft_fp32_eer_threshold": repr(fp32.eer_threshold),
+        "spkft_fp32_min_dcf": repr(fp32.min_dcf),
+        "spkft_fp32_min_dcf_threshold": repr(fp32.min_dcf_threshold),
+        "spkft_int8_eer_increase": repr(result.eer_increase),
+        "spkft_int8_max_eer_increase": repr(result.max_eer_increase),
+        INT8_CHECK_KEY: "forced" if result.forced else "passed",
+        "spkft_int8_calibration": result.calibration,
+        INT8_SOURCE_KEY: source_sha256,
+    }
 
 
 def export_3dspeaker(
@@ -293,35 +391,3 @@ def _open(path: Path) -> OnnxEmbedder:
         return OnnxEmbedder.from_file(path, engine="onnxruntime")
     except ModelError as exc:
         raise ExportError(f"the exported file does not load in onnxruntime: {exc}") from None
-
-
-def _quantize_int8(fp32_path: Path, metadata: dict[str, str]) -> QuantizedModel:
-    """Dynamic int8 quantization of a written fp32 model, written beside it and measured against it."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    output = fp32_path.with_name(f"{fp32_path.stem}.int8.onnx")
-    with staged(output) as tmp, _quiet_root_logger():
-        quantize_dynamic(fp32_path, tmp, weight_type=QuantType.QInt8)
-        proto = onnx.load(str(tmp))
-        onnx.helper.set_model_props(proto, metadata | {"spkft_quantization": "int8"})
-        onnx.save(proto, str(tmp))
-        measured = agreement(_open(fp32_path), _open(tmp))
-        if measured.worst_cosine < MIN_QUANTIZED_COSINE:
-            raise ExportError(f"int8 quantization broke the model (worst cosine {measured.worst_cosine:.4f} "
-                              f"against fp32); {output} was not written")
-    return QuantizedModel(output, output.stat().st_size, measured)
-
-
-@contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """onnxruntime's quantizer logs advice about pre-processing to the root logger; it is not the user's concern."""
-    root = logging.getLogger()
-
-    def drop_warnings(record: logging.LogRecord) -> bool:
-        return record.levelno > logging.WARNING
-
-    root.addFilter(drop_warnings)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop_warnings)

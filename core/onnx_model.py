@@ -11,10 +11,16 @@ Two engines read the same file:
   with onnxruntime to ~1e-7 and is faster on this network; on CPUs that compute bfloat16 natively
   (AVX512_BF16 or AMX) it can run in ``bf16`` (fp32 accumulation), about twice as fast again, with
   embeddings within a cosine of ~1e-5 of fp32 (measured in ``benchmarks/serve_speed.py``).
-- ``onnxruntime``: the reference runtime, fp32 only; the export's parity check uses it, and so
-  does sherpa-onnx.
-``auto`` (the default) takes OpenVINO, and onnxruntime for a graph OpenVINO cannot compile (an
-int8 export, say); precision ``auto`` is bf16 where the engine and the CPU have it, else fp32.
+- ``onnxruntime``: the reference runtime, in fp32 or int8; the export's parity check uses it,
+  and so does sherpa-onnx.
+``auto`` (the default) takes OpenVINO, and onnxruntime for a graph OpenVINO cannot compile.
+
+Precision ``int8`` runs the statically quantized twin that ``spkft export --quantize int8`` writes
+beside the model (``model.int8.onnx`` beside ``model.onnx``; see :mod:`spkft.core.quantize`), or
+the int8 file itself when that is the one named: its convolutions in int8, the rest in fp32.
+Precision ``auto`` takes that twin when it is *verified* (its EER passed the export's check
+against this very fp32 file, whose SHA-256 it records) and the engine is OpenVINO, where the
+check measured it; otherwise bf16 where the engine and the CPU have it, else fp32.
 One embedder serves concurrent callers: onnxruntime sessions are thread-safe, and OpenVINO calls
 each take an infer request from a pool that grows to the number of calls ever in flight at once
 (not one per thread: a request keeps its buffers, and a server has many threads).
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import openvino as ov
 from openvino.frontend import FrontEndManager
@@ -36,6 +43,7 @@ import torch
 from spkft.core.embedding import SpeakerEmbedder
 from spkft.core.errors import ModelError, first_line
 from spkft.core.features import FEATURE_DIM
+from spkft.core.files import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +53,15 @@ OUTPUT_NAME = "embedding"
 VARIANT_KEY = "spkft_variant"
 THRESHOLD_KEY = "spkft_threshold"
 OUTPUT_DIM_KEY = "output_dim"
+QUANTIZATION_KEY = "spkft_quantization"  # "int8" in a quantized file
+INT8_CHECK_KEY = "spkft_int8_check"  # "passed", or "forced" when written despite a failed check
+INT8_SOURCE_KEY = "spkft_int8_source_sha256"  # of the fp32 file it was quantized from
+INT8_SUFFIX = ".int8.onnx"
 
 ENGINES = ("auto", "openvino", "onnxruntime")
-PRECISIONS = ("auto", "fp32", "bf16")
-_OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+# An int8 graph's remaining operations (pooling, the embedding layer's input) stay in fp32.
+_OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 _ORT_TYPES = {"tensor(float)": "f32"}  # onnxruntime's element type names, in OpenVINO's words
 
 
@@ -62,12 +75,12 @@ class _Port:
 
 
 class OnnxRuntimeEngine:
-    """The graph in an onnxruntime CPU session (fp32)."""
+    """The graph in an onnxruntime CPU session (fp32, or int8 for a quantized file)."""
 
     name = "onnxruntime"
-    precision = "fp32"
 
-    def __init__(self, path: Path, threads: int | None) -> None:
+    def __init__(self, path: Path, threads: int | None, precision: str = "auto") -> None:
+        self.path = path
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: optimiser notes are not the user's concern
         if threads is not None:
@@ -77,6 +90,7 @@ class OnnxRuntimeEngine:
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.precision = _file_precision(path, self.metadata, precision, auto="fp32")
         self.inputs = [_ort_port(i) for i in self.session.get_inputs()]
         self.outputs = [_ort_port(o) for o in self.session.get_outputs()]
 
@@ -86,23 +100,27 @@ class OnnxRuntimeEngine:
 
 class OpenVinoEngine:
     """The graph compiled by OpenVINO for the CPU, in fp32 or bf16 (``auto``: bf16 where the CPU
-    has it); one stream per parallel call."""
+    has it), or int8 for a quantized file; one stream per parallel call."""
 
     name = "openvino"
 
     def __init__(self, path: Path, threads: int | None, precision: str = "auto", parallel_calls: int = 1) -> None:
+        self.path = path
         core = ov.Core()
-        if precision == "auto":
-            precision = "bf16" if cpu_has_bf16(core) else "fp32"
-        elif precision == "bf16" and not cpu_has_bf16(core):
+        if precision == "bf16" and not cpu_has_bf16(core):
             raise ModelError("bf16 needs a CPU that computes bfloat16 natively (AVX512_BF16 or AMX); "
                              "this one does not: use precision fp32")
         try:
             model = _read_onnx(path)
-            self.inputs = [_ov_port(p) for p in model.inputs]
-            self.outputs = [_ov_port(p) for p in model.outputs]
+        except Exception as exc:  # OpenVINO raises untyped errors for unreadable graphs
+            raise ModelError(f"{path}: OpenVINO cannot run this model ({first_line(exc)})") from None
+        self.metadata = _openvino_metadata(model)
+        self.precision = _file_precision(path, self.metadata, precision, auto="bf16" if cpu_has_bf16(core) else "fp32")
+        self.inputs = [_ov_port(p) for p in model.inputs]
+        self.outputs = [_ov_port(p) for p in model.outputs]
+        try:
             config = {
-                "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
+                "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[self.precision],
                 "NUM_STREAMS": parallel_calls,
                 # OpenVINO counts threads over all streams; 0 leaves it every core.
                 "INFERENCE_NUM_THREADS": 0 if threads is None else threads * parallel_calls,
@@ -110,8 +128,6 @@ class OpenVinoEngine:
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as exc:  # OpenVINO raises untyped errors for unreadable or unsupported graphs
             raise ModelError(f"{path}: OpenVINO cannot run this model ({first_line(exc)})") from None
-        self.precision = precision
-        self.metadata = _openvino_metadata(model)
         self._idle: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
 
     def run(self, features: np.ndarray) -> np.ndarray:
@@ -139,8 +155,66 @@ def engine_choice_problems(engine: str, precision: str) -> list[str]:
     if precision not in PRECISIONS:
         problems.append(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if engine == "onnxruntime" and precision == "bf16":
-        problems.append("onnxruntime runs this model in fp32 only; use the openvino engine for bf16")
+        problems.append("onnxruntime runs this model in fp32 or int8 only; use the openvino engine for bf16")
     return problems
+
+
+def int8_twin(path: Path) -> Path:
+    """Where ``spkft export --quantize int8`` puts the int8 model of ``path``: ``model.int8.onnx`` beside ``model.onnx``."""
+    return path.with_name(f"{path.stem}{INT8_SUFFIX}")
+
+
+def int8_twin_problem(path: Path, allow_forced: bool = False) -> str | None:
+    """Why the int8 twin of ``path`` is not a verified int8 model of this very file; None when it is.
+
+    ``allow_forced`` accepts a twin written with ``--force`` despite a failed EER check.
+    """
+    twin = int8_twin(path)
+    if not twin.is_file():
+        return f"there is no int8 model beside it ({twin.name}; spkft export --quantize int8 writes one)"
+    try:
+        metadata = {p.key: p.value for p in onnx.load(str(twin), load_external_data=False).metadata_props}
+    except Exception as exc:  # onnx raises protobuf's untyped errors for a damaged file
+        return f"{twin.name} is not a readable ONNX model ({first_line(exc)})"
+    if metadata.get(QUANTIZATION_KEY) != "int8":
+        return f"{twin.name} is not an int8 model of spkft export"
+    if metadata.get(INT8_SOURCE_KEY) != sha256_of(path):
+        return f"{twin.name} was quantized from another version of {path.name}: export again with --quantize int8"
+    if metadata.get(INT8_CHECK_KEY) != "passed" and not allow_forced:
+        return f"{twin.name} was written with --force after its EER rose beyond the check's tolerance"
+    return None
+
+
+def _model_file(path: Path, engine: str, precision: str) -> Path:
+    """The file to open for ``precision``: ``path``, or its int8 twin (see the module docstring)."""
+    if precision not in ("auto", "int8") or not int8_twin(path).exists():
+        return path  # with int8 asked for, the file itself must then be int8: the engine checks
+    if precision == "int8":
+        problem = int8_twin_problem(path, allow_forced=True)
+        if problem is not None:
+            raise ModelError(f"{path}: cannot run it in int8: {problem}")
+        return int8_twin(path)
+    if engine == "onnxruntime":
+        return path
+    problem = int8_twin_problem(path)
+    if problem is not None:
+        log.info("not running the int8 model beside %s: %s", path, problem)
+        return path
+    log.info("running %s, the verified int8 model of %s", int8_twin(path), path)
+    return int8_twin(path)
+
+
+def _file_precision(path: Path, metadata: dict[str, str], asked: str, auto: str) -> str:
+    """The precision a file runs in: int8 for a quantized file (asked for, or ``auto``), else what was
+    asked, with ``auto`` standing for the engine's best."""
+    quantized = metadata.get(QUANTIZATION_KEY) == "int8"
+    if quantized and asked in ("fp32", "bf16"):
+        raise ModelError(f"{path}: an int8 model runs in precision int8 only; for {asked}, give its fp32 model")
+    if not quantized and asked == "int8":
+        raise ModelError(f"{path}: not an int8 model, and {int8_twin_problem(path)}")
+    if quantized:
+        return "int8"
+    return auto if asked == "auto" else asked
 
 
 def open_engine(path: Path, engine: str = "auto", precision: str = "auto", threads: int | None = None,
@@ -150,15 +224,16 @@ def open_engine(path: Path, engine: str = "auto", precision: str = "auto", threa
     if problems:
         raise ModelError("; ".join(problems))
     _check_onnx_file(path)
+    path = _model_file(path, engine, precision)
     if engine == "onnxruntime":
-        return OnnxRuntimeEngine(path, threads)
+        return OnnxRuntimeEngine(path, threads, precision)
     try:
         return OpenVinoEngine(path, threads, precision, parallel_calls)
     except ModelError as exc:
         if engine == "openvino" or precision == "bf16":
             raise
         log.info("%s; running it in onnxruntime instead", exc)
-        return OnnxRuntimeEngine(path, threads)
+        return OnnxRuntimeEngine(path, threads, precision)
 
 
 class OnnxEmbedder(SpeakerEmbedder):
@@ -189,7 +264,8 @@ class OnnxEmbedder(SpeakerEmbedder):
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: no such model file")
-        return cls(open_engine(path, engine, precision, threads, parallel_calls), path, **kwargs)
+        opened = open_engine(path, engine, precision, threads, parallel_calls)
+        return cls(opened, opened.path, **kwargs)
 
     @property
     def embedding_dim(self) -> int:

@@ -26,10 +26,10 @@ VARIANTS = {"eres2netv2_w24s4ep4": "tiny_w24s4ep4_m8.ckpt", "eres2netv2": "tiny_
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def exported(request, reference_dir, tmp_path_factory):
-    """Each tiny reference checkpoint exported to ONNX, with an int8 copy."""
+    """Each tiny reference checkpoint exported to ONNX."""
     checkpoint = reference_dir / VARIANTS[request.param]
     output = tmp_path_factory.mktemp(request.param) / "model.onnx"
-    return request.param, checkpoint, export_onnx(checkpoint, output, quantize="int8")
+    return request.param, checkpoint, export_onnx(checkpoint, output)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -57,7 +57,7 @@ def test_onnx_file_has_upstream_io_and_sherpa_metadata(exported):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(result.output.stat().st_mode) == 0o666 & ~umask  # not a temp file's owner-only mode
-    assert sorted(p.name for p in result.output.parent.iterdir()) == ["model.int8.onnx", "model.onnx"]
+    assert sorted(p.name for p in result.output.parent.iterdir()) == ["model.onnx"]
 
 
 def test_export_checked_parity_on_batches_and_lengths(exported):
@@ -79,16 +79,6 @@ def test_batch_and_frames_are_dynamic(exported, engine):
         assert found.shape == (batch, 192) and found.dtype == np.float32
         assert np.allclose(np.linalg.norm(found, axis=1), 1.0, atol=1e-5)
         assert cosines(found, torch_embedder.embed_batch(features)).min() > MIN_COSINE
-
-
-def test_int8_copy_is_smaller_and_close(exported):
-    result = exported[2]
-    quantized = result.quantized
-    assert quantized.path.name == "model.int8.onnx" and quantized.size_bytes == quantized.path.stat().st_size
-    assert quantized.size_bytes < 0.5 * result.size_bytes
-    assert 0.9 <= quantized.agreement.worst_cosine <= quantized.agreement.mean_cosine < 1.0
-    model = OnnxEmbedder.from_file(quantized.path)
-    assert model.metadata["spkft_quantization"] == "int8" and model.variant == exported[0]
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])

@@ -100,9 +100,9 @@ def test_auto_falls_back_to_onnxruntime_for_a_graph_openvino_cannot_compile(mode
 @pytest.mark.parametrize(
     "engine, precision, message",
     [
-        ("onnxruntime", "bf16", "onnxruntime runs this model in fp32 only; use the openvino engine for bf16"),
+        ("onnxruntime", "bf16", "onnxruntime runs this model in fp32 or int8 only; use the openvino engine for bf16"),
         ("tensorrt", "auto", "unknown engine 'tensorrt'; choose one of: auto, openvino, onnxruntime"),
-        ("auto", "fp16", "unknown precision 'fp16'; choose one of: auto, fp32, bf16"),
+        ("auto", "fp16", "unknown precision 'fp16'; choose one of: auto, fp32, bf16, int8"),
     ],
 )
 def test_impossible_engine_choices_are_clear_errors(model_file, engine, precision, message):
@@ -118,7 +118,7 @@ def test_bf16_on_a_cpu_without_it_is_refused_and_auto_is_fp32(model_file, monkey
 
 
 def test_server_config_refuses_bf16_in_onnxruntime(model_file):
-    with pytest.raises(ServerError, match="onnxruntime runs this model in fp32 only; use the openvino engine for bf16"):
+    with pytest.raises(ServerError, match="onnxruntime runs this model in fp32 or int8 only; use the openvino engine for bf16"):
         ServerConfig(model=model_file, engine="onnxruntime", precision="bf16").check()
 
 
@@ -134,7 +134,7 @@ def test_cli_engine_and_precision(model_file, tiny_checkpoint, fsdd_dir):
 
     refused = runner.invoke(app, ["embed", recording, "-m", str(model_file), "--engine", "onnxruntime", "--precision", "bf16"])
     assert refused.exit_code == 1
-    assert refused.stderr.strip() == "error: onnxruntime runs this model in fp32 only; use the openvino engine for bf16"
+    assert refused.stderr.strip() == "error: onnxruntime runs this model in fp32 or int8 only; use the openvino engine for bf16"
     misplaced = runner.invoke(app, ["verify", recording, recording, "-c", str(tiny_checkpoint), "--engine", "openvino"])
     assert misplaced.exit_code == 2 and "apply to --model only" in misplaced.stderr
     unknown = runner.invoke(app, ["serve", "-m", str(model_file), "--precision", "fp8"])

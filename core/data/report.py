@@ -113,6 +113,11 @@ class ScanReport:
     synthetic: bool = False  # the source is a demo set written by write_demo, not real speech
 
     @property
+    def source_label(self) -> str:
+        """``csv:emodb-10spk/manifest.csv``: the layout and the last two parts of the path, no home folders."""
+        return f"{self.kind.value}:{'/'.join(self.source.parts[-2:])}"
+
+    @property
     def labelled(self) -> bool:
         """Whether the source names each recording's speaker."""
         return self.kind is not SourceKind.AUDIO_FOLDER

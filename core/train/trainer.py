@@ -32,6 +32,7 @@ from spkft.core.embedding import Embedder
 from spkft.core.errors import CheckpointError, SpkftError, first_line
 from spkft.core.evaluate import evaluate
 from spkft.core.model import DEFAULT_VARIANT, build_model
+from spkft.core.records import Recording, Trial
 from spkft.core.report import write_report
 from spkft.core.train.config import TrainConfig, check_paths
 from spkft.core.train.dataset import CropDataset, EpochSampler
@@ -61,6 +62,21 @@ def split_data(config: TrainConfig) -> tuple[Split, dict[str, ScanReport]]:
         data.train, val_source=data.val, test_source=data.test, val=data.val_speakers, test=data.test_speakers,
         seed=config.run.seed, min_recordings_per_speaker=data.min_recordings_per_speaker,
     )
+
+
+def validation_trials(config: TrainConfig, split: Split) -> tuple[list[Recording], list[Trial]]:
+    """The recordings the run validates on (segmented unless a trial list names them) and its trials."""
+    data = config.data
+    if data.trials is not None:
+        recordings, trials = list(split.val), read_trials(data.trials)
+    else:
+        recordings = segment(split.val, data.segment_seconds)
+        trials = make_trials(recordings, seed=config.run.seed, max_target=data.max_trials // 2,
+                             max_nontarget=data.max_trials // 2)
+    if not any(t.target for t in trials) or all(t.target for t in trials):
+        raise SpkftError("the validation trials need both same-speaker and different-speaker pairs; "
+                         "hold out more speakers (data.val_speakers) or give data.val")
+    return recordings, trials
 
 
 class TrainingDiverged(SpkftError):
@@ -154,16 +170,7 @@ class Trainer:
         self.speakers = sorted({r.speaker for r in split.train})
         if len(self.speakers) < 2:
             raise SpkftError(f"training needs at least 2 speakers, found {len(self.speakers)}")
-        if cfg.data.trials is not None:
-            self.val_recordings = list(split.val)
-            self.val_trials = read_trials(cfg.data.trials)
-        else:
-            self.val_recordings = segment(split.val, cfg.data.segment_seconds)
-            self.val_trials = make_trials(self.val_recordings, seed=cfg.run.seed, max_target=cfg.data.max_trials // 2,
-                                          max_nontarget=cfg.data.max_trials // 2)
-        if not any(t.target for t in self.val_trials) or all(t.target for t in self.val_trials):
-            raise SpkftError("the validation trials need both same-speaker and different-speaker pairs; "
-                             "hold out more speakers (data.val_speakers) or give data.val")
+        self.val_recordings, self.val_trials = validation_trials(cfg, split)
         labels = {s: i for i, s in enumerate(self.speakers)}
         self.dataset = CropDataset(list(split.train), labels, cfg.augment, seed=cfg.run.seed)
         per_step = cfg.run.batch_size * cfg.optim.grad_accum

@@ -15,9 +15,12 @@ from spkft.core.export import (
     MAX_OPSET,
     MIN_OPSET,
     ExportResult,
+    QuantizedModel,
     export_3dspeaker,
     export_onnx,
 )
+from spkft.core.metrics import VerificationMetrics
+from spkft.core.quantize import DEFAULT_CALIBRATION_CROPS, DEFAULT_MAX_EER_INCREASE, Int8Settings, relative
 from spkft.tui.cli.inference import CHECKPOINT_HELP, VariantOption, check_variant
 from spkft.tui.cli.models import fetch_released
 
@@ -47,14 +50,31 @@ def _summary(result: ExportResult) -> list[str]:
     ]
     if result.quantized is not None:
         q = result.quantized
-        lines.append(
-            f"int8: wrote {q.path} ({_megabytes(q.size_bytes)}, {q.size_bytes / result.size_bytes:.0%} of fp32); "
-            f"against fp32: worst cosine {q.agreement.worst_cosine:.5f}, mean {q.agreement.mean_cosine:.5f}"
-        )
+        forced = " (forced: its EER rose beyond the tolerance)" if q.forced else ""
+        lines.append(f"int8: wrote {q.path}{forced} ({_megabytes(q.size_bytes)}, "
+                     f"{q.size_bytes / result.size_bytes:.0%} of fp32), calibrated on {q.calibration}")
+        lines.extend(int8_comparison(q))
     if result.metadata:
         lines.append("metadata:")
         lines.extend(f"  {key} = {value}" for key, value in result.metadata.items())
     return lines
+
+
+def int8_comparison(quantized: QuantizedModel) -> list[str]:
+    """Both models' EER, minDCF and thresholds on the same trials, and the verdict of the check."""
+    fp32, int8 = quantized.fp32, quantized.int8
+    trials = fp32.target_trials + fp32.nontarget_trials
+    within = "within" if quantized.eer_increase <= quantized.max_eer_increase else "beyond"
+    return [
+        f"int8 against fp32 on {trials} trials ({quantized.evaluation_source}), both in OpenVINO: EER "
+        f"{relative(quantized.eer_increase)}, {within} the {100 * quantized.max_eer_increase:g} % allowed",
+        *(_figures(name, metrics) for name, metrics in (("fp32", fp32), ("int8", int8))),
+    ]
+
+
+def _figures(name: str, metrics: VerificationMetrics) -> str:
+    return (f"  {name}: EER {100 * metrics.eer:.2f} % (threshold {metrics.eer_threshold:.4f}), minDCF "
+            f"{metrics.min_dcf:.4f} (threshold {metrics.min_dcf_threshold:.4f})")
 
 
 def export_command(
@@ -82,9 +102,35 @@ def export_command(
     ] = None,
     quantize: Annotated[
         Optional[Quantization],
-        typer.Option("--quantize", help="Also write a dynamically quantized copy beside the output "
-                                        "(<name>.int8.onnx) and report its size and agreement with fp32."),
+        typer.Option("--quantize", help="Also write <name>.int8.onnx beside the output: NNCF's static int8 "
+                                        "quantization, calibrated on --calibration, written only if its EER on the "
+                                        "evaluation trials stays within --max-eer-increase of fp32's."),
     ] = None,
+    calibration: Annotated[
+        Optional[Path],
+        typer.Option("--calibration", help="int8: recordings to calibrate on (a data source; speaker labels not "
+                                           "needed) [default: the run's training data, from the checkpoint]."),
+    ] = None,
+    eval_data: Annotated[
+        Optional[Path],
+        typer.Option("--eval-data", help="int8: labelled recordings whose generated trials measure fp32 and int8 "
+                                         "[default: the run's validation trials, from the checkpoint]."),
+    ] = None,
+    calibration_crops: Annotated[
+        Optional[int],
+        typer.Option("--calibration-crops", min=1, show_default=False,
+                     help=f"int8: how many 3 s crops calibrate it [default: {DEFAULT_CALIBRATION_CROPS}]."),
+    ] = None,
+    max_eer_increase: Annotated[
+        Optional[float],
+        typer.Option("--max-eer-increase", min=0.0, show_default=False,
+                     help="int8: refuse to write it when its EER exceeds fp32's by more than this fraction of it "
+                          f"[default: {DEFAULT_MAX_EER_INCREASE:g}, i.e. 2 % relative]."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="int8: write it even when its EER rose too much (marked as forced, "
+                                           "so serving never picks it on its own).")
+    ] = False,
     language: Annotated[
         Optional[str], typer.Option("--language", help="Free-text 'language' metadata (sherpa-onnx shows it) "
                                                        f"[default: {DEFAULT_LANGUAGE}].")
@@ -111,6 +157,13 @@ def export_command(
     if export_format is ExportFormat.threedspeaker and given:
         shown = ", ".join(f"--{name}" for name in given)
         raise typer.BadParameter(f"{shown} only apply to --format onnx", param_hint="--format")
+    int8_options = {"calibration": calibration, "eval-data": eval_data, "calibration-crops": calibration_crops,
+                    "max-eer-increase": max_eer_increase, "force": force or None}
+    int8_given = [f"--{name}" for name, value in int8_options.items() if value is not None]
+    if int8_given and quantize is None:
+        raise typer.BadParameter(f"{', '.join(int8_given)}: only with --quantize int8", param_hint="--quantize")
+    int8 = Int8Settings(calibration, eval_data, calibration_crops or DEFAULT_CALIBRATION_CROPS,
+                        DEFAULT_MAX_EER_INCREASE if max_eer_increase is None else max_eer_increase, force)
     checkpoint = checkpoints[0] if len(checkpoints) == 1 else checkpoints
     if len(checkpoints) > 1:
         note = (" (averaged weights carry no validation result: no threshold is stored unless --threshold "
@@ -120,7 +173,8 @@ def export_command(
     if export_format is ExportFormat.threedspeaker:
         result = export_3dspeaker(checkpoint, output, variant=variant)
     else:
-        result = export_onnx(checkpoint, output, variant=variant, **given)
+        result = export_onnx(checkpoint, output, variant=variant, **given, int8=int8,
+                             note=lambda line: typer.echo(line, err=True))
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if as_json:

@@ -59,19 +59,23 @@ class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
+    int8 = "int8"
 
 
 EngineOption = Annotated[
     Engine,
     typer.Option("--engine", envvar="SPKFT_ENGINE",
-                 help="What runs an ONNX model: openvino, or onnxruntime (the reference runtime, fp32 only); "
+                 help="What runs an ONNX model: openvino, or onnxruntime (the reference runtime, fp32 or int8); "
                       "auto is OpenVINO, falling back to onnxruntime for a graph it cannot compile."),
 ]
 PrecisionOption = Annotated[
     Precision,
     typer.Option("--precision", envvar="SPKFT_PRECISION",
-                 help="Arithmetic of an ONNX model: fp32, or bf16 (OpenVINO, on CPUs with native bfloat16; about "
-                      "twice as fast, embeddings within a cosine of ~1e-5 of fp32); auto is bf16 where available."),
+                 help="Arithmetic of an ONNX model: fp32; bf16 (OpenVINO, on CPUs with native bfloat16; about "
+                      "twice as fast, embeddings within a cosine of ~1e-5 of fp32); or int8 (the model's "
+                      "<name>.int8.onnx from 'spkft export --quantize int8', or an int8 file itself). auto is the "
+                      "int8 model where one verified by its EER check sits beside the model (OpenVINO only), "
+                      "else bf16 where available, else fp32."),
 ]
 
 
