@@ -106,7 +106,7 @@ def relative(increase: float) -> str:
     return f"{100 * increase:+.1f} % relative" if math.isfinite(increase) else "from no errors to some"
 
 
-def quantization_data(checkpoint: Mapping[str, Any], settings: Int8Settings) -> QuantizationData:
+def quantization_data(checkpoint: Mapping[str, Any], settings: Int8Settings = Int8Settings()) -> QuantizationData:
     """The calibration recordings and the EER trials: as given, or the run's training and validation data."""
     settings.check()
     split = config = None

@@ -18,7 +18,9 @@ from textual.widgets import Button, DataTable, DirectoryTree, RadioButton, Radio
 
 from spkft.core.catalogue import DEMO_BASE
 from spkft.core.data import DEMO_SPEAKERS
-from spkft.core.export import MIN_COSINE
+from spkft.core.export import MIN_COSINE, QuantizedModel
+from spkft.core.metrics import compute_metrics
+from spkft.core.quantize import EerRoseError
 from spkft.core.train import load_config
 from spkft.core.train.config import FREEZE_PRESETS, STAGES
 from spkft.core.train.recipes import describe, pick_recipe, recipe_values, resolve_recipe, training_data
@@ -29,6 +31,7 @@ from spkft.tui.wizard.draft import Draft
 from spkft.tui.wizard.fields import InputField, SelectField, as_text
 from spkft.tui.wizard.pickers import PathPicker
 from spkft.tui.wizard.step import StepScreen
+from spkft.tui.wizard.steps import serve as serve_step
 from spkft.tui.wizard.steps.model import WidthField
 from spkft.tui.wizard.steps.train import CANCELLED_EARLY
 from wizard_scenes import SCENES, TINY_CHECKPOINT, app_at, live_train_scene
@@ -782,3 +785,52 @@ async def test_a_saved_config_prefills_every_step(scratch):
         assert field(app, "optim.lr").input.value == "0.003"  # a saved value is not replaced by a suggestion
         assert field(app, "run.epochs").input.value == "5"
         assert app.draft.config.run.output_dir == Path("runs/saved")
+
+
+async def test_step_8_shows_the_int8_comparison_before_int8_can_be_served(scratch, monkeypatch):
+    """Try int8 shows both EERs whether or not the file was written; int8 is served only once written."""
+    labels = [True] * 50 + [False] * 50
+    fp32 = compute_metrics([0.1 * (i % 10) + (0.3 if t else 0.0) for i, t in enumerate(labels)], labels)
+    worse = compute_metrics([0.1 * (i % 10) + (0.1 if t else 0.0) for i, t in enumerate(labels)], labels)
+    outcomes = [EerRoseError(fp32, worse, 0.02, Path("model.onnx"), Path("model.int8.onnx")),
+                QuantizedModel(scratch / "model.int8.onnx", 2_000_000, fp32, fp32, "validation",
+                               "300 crops of the run's training data", 0.02, forced=False)]
+
+    def export_int8(fp32_path, data):
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, EerRoseError):
+            raise outcome
+        return outcome
+
+    asked = []
+
+    def create_server(config):
+        asked.append(config.precision)
+        raise RuntimeError("no server in this test")
+
+    monkeypatch.setattr(serve_step, "read_checkpoint", lambda path: {})
+    monkeypatch.setattr(serve_step, "quantization_data", lambda checkpoint: "the run's data")
+    monkeypatch.setattr(serve_step, "export_int8", export_int8)
+    monkeypatch.setattr(serve_step, "create_server", create_server)
+    app = app_at(8)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        step(app).query_one("#precision", Select).value = "int8"
+        await press(pilot, "#start-server")
+        assert "no int8 model to serve" in status(app) and not asked
+
+        await press(pilot, "#quantize")
+        await settle(pilot)
+        shown = str(step(app).query_one("#int8-result", Static).render())
+        assert "int8 against fp32 on 100 trials (validation)" in shown and "beyond the 2 % allowed" in shown
+        assert f"fp32: EER {100 * fp32.eer:.2f} %" in shown and f"int8: EER {100 * worse.eer:.2f} %" in shown
+        assert "not written" in shown and isinstance(app.draft.int8, EerRoseError)
+
+        await press(pilot, "#quantize")
+        await settle(pilot)
+        shown = str(step(app).query_one("#int8-result", Static).render())
+        assert "EER +0.0 % relative, within the 2 % allowed" in shown and "✓ wrote" in shown
+        await press(pilot, "#start-server")
+        await settle(pilot)
+        assert asked == ["int8"]
+        await pilot.press("escape")  # the error dialog of the stand-in server

@@ -15,12 +15,17 @@ from spkft.core.export import (
     MAX_OPSET,
     MIN_OPSET,
     ExportResult,
-    QuantizedModel,
     export_3dspeaker,
     export_onnx,
 )
 from spkft.core.metrics import VerificationMetrics
-from spkft.core.quantize import DEFAULT_CALIBRATION_CROPS, DEFAULT_MAX_EER_INCREASE, Int8Settings, relative
+from spkft.core.quantize import (
+    DEFAULT_CALIBRATION_CROPS,
+    DEFAULT_MAX_EER_INCREASE,
+    Int8Settings,
+    eer_increase,
+    relative,
+)
 from spkft.tui.cli.inference import CHECKPOINT_HELP, VariantOption, check_variant
 from spkft.tui.cli.models import fetch_released
 
@@ -53,21 +58,21 @@ def _summary(result: ExportResult) -> list[str]:
         forced = " (forced: its EER rose beyond the tolerance)" if q.forced else ""
         lines.append(f"int8: wrote {q.path}{forced} ({_megabytes(q.size_bytes)}, "
                      f"{q.size_bytes / result.size_bytes:.0%} of fp32), calibrated on {q.calibration}")
-        lines.extend(int8_comparison(q))
+        lines.extend(int8_comparison(q.fp32, q.int8, q.max_eer_increase, q.evaluation_source))
     if result.metadata:
         lines.append("metadata:")
         lines.extend(f"  {key} = {value}" for key, value in result.metadata.items())
     return lines
 
 
-def int8_comparison(quantized: QuantizedModel) -> list[str]:
+def int8_comparison(fp32: VerificationMetrics, int8: VerificationMetrics, allowed: float, trials_of: str) -> list[str]:
     """Both models' EER, minDCF and thresholds on the same trials, and the verdict of the check."""
-    fp32, int8 = quantized.fp32, quantized.int8
     trials = fp32.target_trials + fp32.nontarget_trials
-    within = "within" if quantized.eer_increase <= quantized.max_eer_increase else "beyond"
+    increase = eer_increase(fp32.eer, int8.eer)
+    within = "within" if increase <= allowed else "beyond"
     return [
-        f"int8 against fp32 on {trials} trials ({quantized.evaluation_source}), both in OpenVINO: EER "
-        f"{relative(quantized.eer_increase)}, {within} the {100 * quantized.max_eer_increase:g} % allowed",
+        f"int8 against fp32 on {trials} trials ({trials_of}), both in OpenVINO: EER "
+        f"{relative(increase)}, {within} the {100 * allowed:g} % allowed",
         *(_figures(name, metrics) for name, metrics in (("fp32", fp32), ("int8", int8))),
     ]
 

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ValidationError
 from spkft.core.data import ScanReport, Split, split_speakers
 from spkft.core.errors import DataError
 from spkft.core.evaluate import Evaluation
-from spkft.core.export import ExportResult
+from spkft.core.export import ExportResult, QuantizedModel
+from spkft.core.quantize import EerRoseError
 from spkft.core.model import ERes2NetV2
 from spkft.core.report import Baseline
 from spkft.core.train import EpochEnded, Event, PhaseStarted, RunFinished, RunStarted, StepEnded, TrainConfig, Validated
@@ -134,6 +135,7 @@ class Draft:
     training: TrainingLog | None = None
     evaluation: Comparison | None = None
     exported: ExportResult | None = None
+    int8: QuantizedModel | EerRoseError | None = None  # step 8's int8 model, or why it was refused
     server: SpeakerServer | None = None  # running from step 8 until stopped or the wizard ends
 
     @classmethod

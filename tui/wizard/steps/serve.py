@@ -1,4 +1,5 @@
-"""Step 8: export to ONNX (checked against PyTorch), serve it over gRPC, try it, and how to call it."""
+"""Step 8: export to ONNX (checked against PyTorch), offer int8 with its EER beside fp32's, serve it over gRPC,
+try it, and how to call it."""
 
 from __future__ import annotations
 
@@ -8,18 +9,23 @@ from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.validation import Integer
-from textual.widgets import Button, Input, Label, Static
+from textual.widgets import Button, Input, Label, Select, Static
 from textual.worker import Worker, WorkerState
 
-from spkft.core.export import MIN_COSINE, ExportResult, export_onnx
+from spkft.core.checkpoint import read_checkpoint
+from spkft.core.export import MIN_COSINE, ExportResult, QuantizedModel, export_int8, export_onnx
+from spkft.core.quantize import DEFAULT_MAX_EER_INCREASE, EerRoseError, quantization_data
 from spkft.serve.client import SpeakerClient
 from spkft.serve.server import ServerConfig, SpeakerServer, create_server
+from spkft.tui.cli.export import int8_comparison
 from spkft.tui.cli.output import score_against
 from spkft.tui.wizard.fields import PathInput
 from spkft.tui.wizard.step import StepScreen
 
 DEFAULT_PORT = 50051
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
+PRECISIONS = [("auto: int8 once verified, else bf16 or fp32", "auto"), ("int8", "int8"), ("bf16", "bf16"),
+              ("fp32", "fp32")]
 
 
 def shown(path: Path) -> str:
@@ -60,7 +66,15 @@ class ServeStep(StepScreen):
             yield Static(id="threshold", markup=False)
             yield Button("Export to ONNX", id="export", variant="primary", compact=True)
         yield Static(id="export-result", markup=False)
+        with Horizontal(classes="actions"):
+            yield Static(f"int8: smaller and faster on CPUs with VNNI or AMX; written only if its validation "
+                         f"EER stays within {100 * DEFAULT_MAX_EER_INCREASE:g} % of fp32's.", markup=False)
+            yield Button("Try int8", id="quantize", compact=True)
+        yield Static(id="int8-result", markup=False)
         yield Label("Serve", classes="section")
+        with Horizontal(classes="field-row"):
+            yield Label("Precision", classes="field-label")
+            yield Select(PRECISIONS, value="auto", allow_blank=False, id="precision", compact=True)
         with Horizontal(classes="field-row"):
             yield Label("Port", classes="field-label")
             yield Input(str(DEFAULT_PORT), id="port", validators=[Integer(minimum=0, maximum=65535)], compact=True)
@@ -103,6 +117,8 @@ class ServeStep(StepScreen):
             "Threshold: the validation speakers' EER threshold (test speakers only measure).")
         if self.draft.exported is not None:
             self.show_export(self.draft.exported)
+        if self.draft.int8 is not None:
+            self.show_int8(self.draft.int8)
         self.show_server()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="export")
@@ -110,9 +126,18 @@ class ServeStep(StepScreen):
         output.parent.mkdir(parents=True, exist_ok=True)
         return export_onnx(checkpoint, output)  # its threshold: the validation EER threshold the checkpoint holds
 
+    @work(thread=True, exclusive=True, exit_on_error=False, group="export")
+    def quantize(self, checkpoint: Path, fp32: Path) -> QuantizedModel | EerRoseError:
+        """Calibrated on the run's training data, measured on its validation trials; a refusal is a result too."""
+        data = quantization_data(read_checkpoint(checkpoint))
+        try:
+            return export_int8(fp32, data)
+        except EerRoseError as refused:
+            return refused
+
     @work(thread=True, exclusive=True, exit_on_error=False, group="server")
-    def start_server(self, model: Path, port: int, enroll_db: Path) -> SpeakerServer:
-        server = create_server(ServerConfig(model=model, port=port, enroll_db=enroll_db))
+    def start_server(self, model: Path, port: int, enroll_db: Path, precision: str) -> SpeakerServer:
+        server = create_server(ServerConfig(model=model, port=port, enroll_db=enroll_db, precision=precision))
         server.start()
         try:
             server.load()
@@ -139,8 +164,16 @@ class ServeStep(StepScreen):
         match event.worker.name:
             case "export":
                 self.draft.exported = event.worker.result
+                self.draft.int8 = None  # a new fp32 file: an int8 model of the old one is no longer its twin
                 self.show_export(self.draft.exported)
+                self.query_one("#int8-result", Static).update("")
                 self.say("Exported and checked.")
+            case "quantize":
+                self.draft.int8 = event.worker.result
+                self.show_int8(self.draft.int8)
+                written = isinstance(self.draft.int8, QuantizedModel)
+                self.say("int8 written: choose it under Precision to serve it." if written
+                         else "int8 was not written: its EER rose too much.", problem=not written)
             case "start_server":
                 self.draft.server = event.worker.result
                 self.show_server()
@@ -160,6 +193,15 @@ class ServeStep(StepScreen):
             f"{result.seconds:.1f} s\nparity, onnxruntime vs PyTorch: worst cosine {parity.worst_cosine:.7f} "
             f"(needs ≥ {MIN_COSINE}), max abs diff {parity.max_abs_diff:.2g}, over batch sizes "
             f"{', '.join(map(str, parity.batch_sizes))} and {', '.join(map(str, parity.frame_counts))} frames")
+
+    def show_int8(self, result: QuantizedModel | EerRoseError) -> None:
+        if isinstance(result, EerRoseError):
+            lines = int8_comparison(result.fp32, result.int8, result.allowed, "validation")
+            lines.append("✗ not written: serve fp32 or bf16, or retrain with more data")
+        else:
+            lines = int8_comparison(result.fp32, result.int8, result.max_eer_increase, result.evaluation_source)
+            lines.append(f"✓ wrote {result.path} ({result.size_bytes / 1e6:.1f} MB), calibrated on {result.calibration}")
+        self.query_one("#int8-result", Static).update("\n".join(lines))
 
     def show_server(self) -> None:
         server = self.draft.server
@@ -209,16 +251,26 @@ class ServeStep(StepScreen):
                     return
                 self.say("Exporting and checking against PyTorch…")
                 self.export(Path(self.draft.training.finished.best_checkpoint), output)
+            case "quantize":
+                if self.draft.exported is None:
+                    self.say("Export the model first: int8 is made from the ONNX file.", problem=True)
+                    return
+                self.say("Calibrating int8 on the training recordings and measuring both on the validation trials…")
+                self.quantize(Path(self.draft.training.finished.best_checkpoint), self.draft.exported.output)
             case "start-server":
                 port = self.query_one("#port", Input)
+                precision = self.query_one("#precision", Select).value
                 if self.draft.exported is None:
                     self.say("Export the model first.", problem=True)
+                elif precision == "int8" and not isinstance(self.draft.int8, QuantizedModel):
+                    self.say("There is no int8 model to serve: try int8 first, or choose another precision.",
+                             problem=True)
                 elif not port.is_valid:
                     self.say("The port must be a number from 0 to 65535.", problem=True)
                 else:
                     self.say("Starting the server and loading the model…")
                     self.start_server(self.draft.exported.output, int(port.value),
-                                      self.draft.training.run_dir / "enrollments.sqlite")
+                                      self.draft.training.run_dir / "enrollments.sqlite", precision)
             case "stop-server" if self.draft.server is not None:
                 self.say("Stopping the server…")
                 self.stop(self.draft.server)
