@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 from textual.pilot import Pilot
-from textual.widgets import Button, DataTable, DirectoryTree, RadioButton, RadioSet, Select, SelectionList, Static
+from textual.widgets import (Button, DataTable, DirectoryTree, Input, RadioButton, RadioSet, Select, SelectionList,
+                             Static)
 
 from spkft.core.catalogue import DEMO_BASE
 from spkft.core.data import DEMO_SPEAKERS
@@ -103,6 +104,10 @@ def field(app: WizardApp, key: str) -> InputField:
 
 async def type_into(pilot: Pilot, key: str, text: str) -> InputField:
     target = field(pilot.app, key)
+    for _ in range(200):  # a step that has just opened may not have mounted the field's input yet
+        if target.query(Input):
+            break
+        await pilot.pause(0.05)
     target.input.value = text
     await pilot.pause()
     return target
