@@ -149,13 +149,22 @@ class SpeakerIndex:
         with room for ``expected`` speakers (grown by doubling if there are more)."""
         index = cls(dim, expected + 16)
         n = 0
-        for block in blocks:
-            end = n + len(block.speaker_ids)
-            while end > len(index._matrix):
-                index._grow()
-            index._set(slice(n, end), _normalised32(block.sums))
-            index._ids += block.speaker_ids
-            n = end
+        # Reading a block and normalising the one before overlap: a worker thread does the NumPy
+        # work, which releases the GIL, while this thread reads from the database.
+        with ThreadPoolExecutor(1, thread_name_prefix="spkft-index") as worker:
+            pending = None
+            for block in blocks:
+                end = n + len(block.speaker_ids)
+                if pending is not None:
+                    pending.result()
+                while end > len(index._matrix):
+                    index._grow()
+                pending = worker.submit(lambda rows, sums: index._set(rows, _normalised32(sums)), slice(n, end),
+                                        block.sums)
+                index._ids += block.speaker_ids
+                n = end
+            if pending is not None:
+                pending.result()
         index._rows = {speaker_id: i for i, speaker_id in enumerate(index._ids)}
         return index
 

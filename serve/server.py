@@ -21,7 +21,7 @@ Shape of a running server:
 
 Enrollments live in a SQLite file owned by this server, or in a PostgreSQL database that replicas
 share (:class:`~spkft.core.enrollment.EnrollmentStore`), tied to the served model by the SHA-256
-of its file. While a PostgreSQL store is unreachable, the service's health
+of the file that runs (the int8 twin, when that is what runs). While a PostgreSQL store is unreachable, the service's health
 (``spkft.v1.SpeakerService``) is NOT_SERVING and calls that need the database are UNAVAILABLE;
 the server's overall health (``""``) stays SERVING, since embedding and search still work.
 """
@@ -245,7 +245,8 @@ class SpeakerServer:
             threads = config.threads or max(1, _cores() // config.workers)
             model = OnnxEmbedder.from_file(config.model, threads=threads, engine=config.engine,
                                            precision=config.precision, parallel_calls=config.workers)
-        store = EnrollmentStore(config.enroll_db, _fingerprint(config.model), model.embedding_dim)
+        # Tied to the file that runs: an int8 twin's embeddings are not the fp32 model's.
+        store = EnrollmentStore(config.enroll_db, _fingerprint(model.path), model.embedding_dim)
         store.on_reachability(self._store_reachable)
         default_threshold = model.default_threshold if config.threshold is None else config.threshold
         self._batcher = Batcher(
@@ -266,7 +267,9 @@ class SpeakerServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if not store.reachable:
             self._store_reachable(False)
-        log.info("serving %s on %s (%s, %s)", config.model, self.address, model.engine.name, model.engine.precision)
+        log.info("serving %s on %s (%s, %s); %d enrolled speakers in %s (search index %.0f MiB)", config.model,
+                 self.address, model.engine.name, model.engine.precision, len(store), store.location,
+                 store.index_bytes / 2**20)
 
     def drain(self, grace_seconds: float | None = None) -> bool:
         """Report NOT_SERVING, refuse new calls, let calls in flight finish (up to the grace period), close.
