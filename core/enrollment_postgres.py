@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -97,20 +98,26 @@ class PostgresBackend:
     def on_reachability(self, callback: Callable[[bool], None]) -> None:
         self._callbacks.append(callback)
 
-    def _connection(self):
-        """A pooled connection; :class:`StoreUnavailableError` at once while the database is known to be down."""
+    def _unreachable(self, exc: Exception | None = None) -> StoreUnavailableError:
+        why = f" ({first_line(str(exc)) or type(exc).__name__})" if exc is not None else ""
+        return StoreUnavailableError(f"the enrollment database ({self.location}) is unreachable{why}; retry shortly")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection in one transaction, committed at the end; :class:`StoreUnavailableError`
+        when the database cannot be reached, at once while it is known to be down."""
         if not self._reachable:
-            raise StoreUnavailableError(f"the enrollment database ({self.location}) is unreachable; retry shortly")
-        return self._pool.connection()
+            raise self._unreachable()
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise self._unreachable(exc) from None
 
     def _run(self, work: Callable[[psycopg.Connection], object]):
         """``work(connection)`` in one transaction, committed before it returns."""
-        try:
-            with self._connection() as conn, conn.transaction():
-                return work(conn)
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise StoreUnavailableError(f"the enrollment database ({self.location}) is unreachable "
-                                        f"({first_line(str(exc)) or type(exc).__name__}); retry shortly") from None
+        with self._transaction() as conn:
+            return work(conn)
 
     def info(self) -> dict[str, str]:
         return self._run(lambda conn: dict(conn.execute("SELECT key, value FROM store_info").fetchall()))
@@ -139,16 +146,11 @@ class PostgresBackend:
 
     def blocks(self, dim: int) -> Iterator[StoredSpeakers]:
         """Every speaker, read in blocks through a server-side cursor in binary."""
-        try:
-            with self._connection() as conn, conn.transaction():
-                with conn.cursor(name="spkft_load", binary=True) as cursor:
-                    cursor.itersize = LOAD_CHUNK
-                    cursor.execute("SELECT speaker_id, embedding_sum, utterance_count FROM speakers")
-                    while rows := cursor.fetchmany(LOAD_CHUNK):
-                        yield stored_block(rows, dim)
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise StoreUnavailableError(f"the enrollment database ({self.location}) is unreachable "
-                                        f"({first_line(str(exc)) or type(exc).__name__})") from None
+        with self._transaction() as conn, conn.cursor(name="spkft_load", binary=True) as cursor:
+            cursor.itersize = LOAD_CHUNK
+            cursor.execute("SELECT speaker_id, embedding_sum, utterance_count FROM speakers")
+            while rows := cursor.fetchmany(LOAD_CHUNK):
+                yield stored_block(rows, dim)
 
     def add(self, speaker_id: str, vector: np.ndarray, n: int) -> tuple[np.ndarray, int]:
         """Add ``vector``, the sum of ``n`` recordings' normalised embeddings, to a speaker; its new sum and count."""

@@ -59,6 +59,12 @@ class CallCounter(ThreadPoolExecutor):
             self._held -= 1
 
 
+def service_and_rpc(handler_call_details: grpc.HandlerCallDetails) -> tuple[str, str]:
+    """The service and method names of a call, from its ``/package.Service/Method`` path."""
+    service, _, rpc = handler_call_details.method.lstrip("/").partition("/")
+    return service, rpc
+
+
 def in_lane(behavior, pool: ThreadPoolExecutor):
     """``behavior`` (a handler function), set to run in ``pool`` instead of the server's handler threads."""
     behavior.experimental_thread_pool = pool
@@ -76,7 +82,7 @@ class Admission(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = continuation(handler_call_details)
-        service = handler_call_details.method.lstrip("/").split("/", 1)[0]
+        service, _ = service_and_rpc(handler_call_details)
         if handler is None or service not in self._services or handler.request_streaming or handler.response_streaming:
             return handler
         if self._handlers.held < self._limit:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health
 
-from spkft.serve.admission import in_lane
+from spkft.serve.admission import in_lane, service_and_rpc
 
 OPEN_SERVICES = (health.SERVICE_NAME,)
 
@@ -31,7 +31,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         self._refusals = refusals
 
     def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
-        service = handler_call_details.method.lstrip("/").split("/", 1)[0]
+        service, _ = service_and_rpc(handler_call_details)
         if service in OPEN_SERVICES:
             return continuation(handler_call_details)
         given = [value for key, value in handler_call_details.invocation_metadata or () if key == "authorization"]

@@ -30,6 +30,8 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from spkft.serve.admission import service_and_rpc
+
 access_log = logging.getLogger("spkft.access")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -87,7 +89,7 @@ class CallObserver(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = continuation(handler_call_details)
-        service, _, rpc = handler_call_details.method.lstrip("/").partition("/")
+        service, rpc = service_and_rpc(handler_call_details)
         if handler is None or service not in self._services or handler.request_streaming or handler.response_streaming:
             return handler
         behavior = handler.unary_unary

@@ -29,7 +29,6 @@ the server's overall health (``""``) stays SERVING, since embedding and search s
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import signal
@@ -49,6 +48,7 @@ from grpc_reflection.v1alpha import reflection
 
 from spkft.core.enrollment import EnrollmentStore
 from spkft.core.errors import SpkftError
+from spkft.core.files import sha256_of
 from spkft.core.onnx_model import OnnxEmbedder, engine_choice_problems
 from spkft.serve.admission import PROBE_THREADS, REFUSAL_THREADS, Admission, CallCounter, add_health_to_server
 from spkft.serve.auth import BearerTokenInterceptor
@@ -381,8 +381,4 @@ def _cores() -> int:
 
 def _fingerprint(path: Path) -> str:
     """Identifies the served model's weights, so an enrollment store is only read by the model that made it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{sha256_of(path)}"
