@@ -50,8 +50,10 @@ Targets (PASS/FAIL):
   Random weights say nothing of that, so it is measured on ``spkft_demo_base``, a small
   ERes2NetV2 (m_channels 8) that spkft trained on 221 LibriSpeech speakers, on its run's own
   validation trials (30 held-out speakers, 1,128 trials): calibrated on 300 crops of its
-  training recordings, as ``spkft export --quantize int8`` does, and forced through the export's
-  check so that it can be measured whatever the result. Every precision is measured there: int8,
+  training recordings and searched for layers to keep in fp32, as ``spkft export --quantize int8``
+  does by default, and forced through the export's check so that it can be measured whatever the
+  result. (The random-weight twins above are fully quantized: their speed is that of int8 in every
+  layer.) Every precision is measured there: int8,
   bf16 and fp32 in OpenVINO, fp32 in onnxruntime.
 - agreement: the server returns the in-process embedding (cosine >= 0.99999); the served
   precision stays close to onnxruntime's fp32 (cosine >= 0.99999 in fp32, >= 0.9999 in bf16; in
@@ -174,10 +176,11 @@ def exported_model(variant: str, directory: Path, int8_data) -> Path:
             checkpoint.unlink()
         print(f"{variant}: exported in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     if not int8_twin(output).is_file():
-        # Random weights verify nothing: the twin is forced through the EER check and served by name.
+        # Random weights verify nothing: the twin is fully quantized (no search for layers to keep in fp32),
+        # forced through the EER check and served by name.
         started = time.monotonic()
-        export_int8(output, int8_data, Int8Settings(force=True), note=lambda line: print(f"{variant}: {line}",
-                                                                                          file=sys.stderr, flush=True))
+        export_int8(output, int8_data, Int8Settings(max_fp32_layers=0, force=True),
+                    note=lambda line: print(f"{variant}: {line}", file=sys.stderr, flush=True))
         print(f"{variant}: int8 twin in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return output
 
@@ -193,6 +196,8 @@ def precision_eers(directory: Path, int8_data) -> dict:
     print(f"{DEMO_BASE}: exporting, calibrating int8 and measuring each precision", file=sys.stderr, flush=True)
     export_onnx(DEMO_BASE, model)
     quantized = export_int8(model, int8_data, Int8Settings(force=True))
+    print(f"{DEMO_BASE}: int8 keeps {len(quantized.fp32_layers)} layer(s) in fp32: "
+          f"{', '.join(quantized.fp32_layers) or 'none'}", file=sys.stderr, flush=True)
     found = {"int8": quantized.int8, "fp32": quantized.fp32}
     for name, engine, precision in (("bf16", "openvino", "bf16"), ("onnxruntime fp32", "onnxruntime", "fp32")):
         embedder = OnnxEmbedder.from_file(model, engine=engine, precision=precision)

@@ -28,12 +28,14 @@ the dynamo exporter takes far longer for the same graph. The file's custom metad
   ``spkft_fp32_min_dcf`` and ``spkft_fp32_min_dcf_threshold`` of the fp32 file on the same
   trials; ``spkft_int8_eer_increase`` (relative), ``spkft_int8_max_eer_increase`` (the
   tolerance), ``spkft_int8_check`` (``passed``, or ``forced``), ``spkft_int8_calibration`` (how
-  many crops of what) and ``spkft_int8_source_sha256`` (of the fp32 file: serving takes a twin
+  many crops of what), ``spkft_int8_fp32_layers`` (the convolutions and matrix products left in
+  fp32, comma-separated) and ``spkft_int8_source_sha256`` (of the fp32 file: serving takes a twin
   only for the file it was made from).
 
 With ``quantize="int8"`` the fp32 file is written first, then its int8 twin
 (``<stem>.int8.onnx``) only if its EER on the evaluation trials is within the tolerance of the
-fp32 file's on the same trials, both measured in OpenVINO, which serves them.
+fp32 file's on the same trials, both measured in OpenVINO, which serves them; to get there, the
+layers that int8 damages most may go back to fp32 (see :mod:`spkft.core.quantize`).
 
 An adaptation is part of the ONNX graph (the network's output, normalised, minus the domain's
 mean, times the transform), so the file embeds exactly as the adapted checkpoint does in spkft.
@@ -66,7 +68,6 @@ from spkft.core.average import average_checkpoints
 from spkft.core.checkpoint import LoadedModel, load_model, model_from_checkpoint
 from spkft.core.embedding import Embedder, SpeakerEmbedder
 from spkft.core.errors import ExportError, ModelError, first_line
-from spkft.core.evaluate import evaluate
 from spkft.core.features import SAMPLE_RATE
 from spkft.core.files import sha256_of, staged
 from spkft.core.metrics import VerificationMetrics
@@ -84,11 +85,13 @@ from spkft.core.onnx_model import (
 )
 from spkft.core.quantize import (
     MIN_OPSET as MIN_INT8_OPSET,
+    EerCheck,
     EerRoseError,
     Int8Settings,
     QuantizationData,
     calibration_features,
     eer_increase,
+    fp32_layers,
     quantization_data,
     quantize_static,
 )
@@ -126,6 +129,7 @@ class QuantizedModel:
     evaluation_source: str  # "validation" for the run's validation trials, else the data given
     calibration: str  # how many crops of what
     max_eer_increase: float
+    fp32_layers: tuple[str, ...]  # convolutions and matrix products left in fp32
     forced: bool  # written despite an EER increase beyond max_eer_increase
 
     @property
@@ -205,24 +209,28 @@ def export_int8(fp32_path: Path, data: QuantizationData, settings: Int8Settings 
     """
     say = note or (lambda line: None)
     output = int8_twin(fp32_path)
-    say(f"int8: calibrating on {settings.crops} crops of {data.calibration_source}")
-    quantized = quantize_static(onnx.load(str(fp32_path)), calibration_features(data.calibration, settings.crops))
-    say(f"int8: measuring fp32 and int8 on {len(data.trials)} trials ({data.evaluation_source})")
-    fp32 = evaluate(OnnxEmbedder.from_file(fp32_path, engine="openvino", precision="fp32"),
-                    data.recordings, data.trials).metrics
-    metadata = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
+    model = onnx.load(str(fp32_path))
+    metadata = {p.key: p.value for p in model.metadata_props}
+    say(f"int8: measuring fp32 on {len(data.trials)} trials ({data.evaluation_source})")
+    check = EerCheck(model, data.recordings, data.trials)
+    search = (f"; while its EER is more than {100 * settings.max_eer_increase:g} % above fp32's, up to "
+              f"{settings.max_fp32_layers} layer(s) go back to fp32" if settings.max_fp32_layers else "")
+    say(f"int8: quantizing, calibrated on {settings.crops} crops of {data.calibration_source}{search}")
+    quantized = quantize_static(model, calibration_features(data.calibration, settings.crops), check,
+                                settings.max_eer_increase, settings.max_fp32_layers)
+    kept = fp32_layers(quantized)
+    if kept:
+        say(f"int8: {len(kept)} layer(s) kept in fp32: {', '.join(kept)}")
+    say("int8: measuring int8")
+    measured = check.measure(quantized)
+    increase = eer_increase(check.fp32.eer, measured.eer)
+    if increase > settings.max_eer_increase and not settings.force:
+        raise EerRoseError(check.fp32, measured, settings.max_eer_increase, fp32_path, output)
+    result = QuantizedModel(output, 0, check.fp32, measured, data.evaluation_source,
+                            f"{settings.crops} crops of {data.calibration_source}", settings.max_eer_increase,
+                            tuple(kept), forced=increase > settings.max_eer_increase)
+    onnx.helper.set_model_props(quantized, metadata | _int8_metadata(result, metadata, sha256_of(fp32_path)))
     with staged(output) as tmp:
-        onnx.helper.set_model_props(quantized, metadata | {QUANTIZATION_KEY: "int8"})
-        onnx.save(quantized, str(tmp))
-        measured = evaluate(OnnxEmbedder.from_file(tmp, engine="openvino", precision="int8"),
-                            data.recordings, data.trials).metrics
-        increase = eer_increase(fp32.eer, measured.eer)
-        if increase > settings.max_eer_increase and not settings.force:
-            raise EerRoseError(fp32, measured, settings.max_eer_increase, fp32_path, output)
-        result = QuantizedModel(output, 0, fp32, measured, data.evaluation_source,
-                                f"{settings.crops} crops of {data.calibration_source}", settings.max_eer_increase,
-                                forced=increase > settings.max_eer_increase)
-        onnx.helper.set_model_props(quantized, metadata | _int8_metadata(result, metadata, sha256_of(fp32_path)))
         onnx.save(quantized, str(tmp))
     return replace(result, size_bytes=output.stat().st_size)
 
@@ -243,6 +251,7 @@ def _int8_metadata(result: QuantizedModel, fp32_metadata: dict[str, str], source
         "spkft_int8_max_eer_increase": repr(result.max_eer_increase),
         INT8_CHECK_KEY: "forced" if result.forced else "passed",
         "spkft_int8_calibration": result.calibration,
+        "spkft_int8_fp32_layers": ",".join(result.fp32_layers),
         INT8_SOURCE_KEY: source_sha256,
     }
 

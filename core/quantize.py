@@ -12,6 +12,14 @@ model will hear. By default they are the run's own training recordings (the chec
 its run config), and the proof is the EER on the run's validation speakers, whom neither the
 training nor the calibration saw. A cosine to fp32 says how far embeddings moved; only the EER
 says whether the verifier got worse.
+
+Some layers do not survive int8: most often the stem convolution, which reads the fbank itself.
+So the quantization runs under NNCF's accuracy control (``nncf.quantize_with_accuracy_control``)
+with the EER as its metric (:class:`EerCheck`): when the fully quantized model's EER is more than
+the tolerance above fp32's, NNCF ranks the quantized layers by how far each moves the embeddings
+on the evaluation recordings, puts the worst back in fp32, measures the EER again, and repeats,
+up to ``max_fp32_layers`` layers. Each layer kept in fp32 costs a little speed; the file's metadata
+names them.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import contextlib
 import io
 import logging
 import math
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +39,15 @@ import onnx
 import torch
 from pydantic import ValidationError
 
-from spkft.core.audio import read_samples
+from spkft.core.audio import load_audio, read_samples
 from spkft.core.data import make_trials, scan, segment
+from spkft.core.embedding import pool_windows
 from spkft.core.errors import DataError, ExportError
 from spkft.core.features import fbank
-from spkft.core.metrics import VerificationMetrics
+from spkft.core.metrics import VerificationMetrics, compute_metrics
 from spkft.core.model import MIN_FRAMES
-from spkft.core.onnx_model import INPUT_NAME
+from spkft.core.onnx_model import INPUT_NAME, QUANTIZATION_KEY, OnnxEmbedder
+from spkft.core.scoring import score_trials, trial_labels
 from spkft.core.records import Recording, Trial
 from spkft.core.train.config import TrainConfig
 from spkft.core.train.trainer import split_data, validation_trials
@@ -45,6 +56,12 @@ DEFAULT_CALIBRATION_CROPS = 300
 CALIBRATION_SECONDS = 3.0
 # The int8 EER may exceed fp32's by this fraction of it (0.02: 10.0 % may become 10.2 %).
 DEFAULT_MAX_EER_INCREASE = 0.02
+# How many layers the EER check may put back in fp32 when the fully quantized model fails it.
+DEFAULT_MAX_FP32_LAYERS = 8
+# Evaluation recordings on which NNCF ranks the layers (those whose embeddings int8 moved most).
+RANKING_RECORDINGS = 64
+# The operations int8 is for; a model's others run in fp32 in any case.
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # Per-channel QuantizeLinear (an axis attribute) came with opset 13.
 MIN_OPSET = 13
 # Trials generated from evaluation data given by hand, as `spkft eval` generates them.
@@ -60,11 +77,14 @@ class Int8Settings:
     evaluation: Path | None = None  # labelled recordings for the EER check; default: the run's validation trials
     crops: int = DEFAULT_CALIBRATION_CROPS
     max_eer_increase: float = DEFAULT_MAX_EER_INCREASE
+    max_fp32_layers: int = DEFAULT_MAX_FP32_LAYERS  # 0: quantize every layer, with no search
     force: bool = False  # write the int8 model even when its EER rose too much (marked as forced)
 
     def check(self) -> None:
         if self.crops < 1:
             raise ExportError(f"calibration needs at least 1 crop, got {self.crops}")
+        if self.max_fp32_layers < 0:
+            raise ExportError(f"the most layers to keep in fp32 must be 0 or more, got {self.max_fp32_layers}")
         if not self.max_eer_increase >= 0:
             raise ExportError(f"the allowed EER increase must be 0 or more, got {self.max_eer_increase}")
 
@@ -179,13 +199,94 @@ def calibration_features(recordings: tuple[Recording, ...], crops: int, seconds:
     return features
 
 
-def quantize_static(model: onnx.ModelProto, features: list[np.ndarray]) -> onnx.ModelProto:
-    """``model`` with int8 QuantizeLinear/DequantizeLinear pairs, their scales measured on ``features``."""
+class EerCheck:
+    """The EER of ONNX models on a fixed set of trials, measured in OpenVINO as the server runs them.
+
+    It opens with the fp32 model's figures (:attr:`fp32`). It is also the validation function of
+    NNCF's accuracy control, called with a model and evaluation items (``(utt_id, windows)``, see
+    :attr:`items`). Given all of them it returns minus the EER (NNCF's metrics grow with quality);
+    given some, as when NNCF ranks layers on the recordings int8 moved most, the mean cosine of
+    their embeddings to fp32's. With either it returns each item's cosine to fp32, from which NNCF
+    picks those recordings.
+
+    Ranking runs in OpenVINO too, though it compiles one int8 graph per quantized layer (a second or
+    more each, where onnxruntime opens one in a fraction of that): onnxruntime's int8 kernels round
+    differently, enough to move some embeddings of a badly calibrated demo model by 0.15 in cosine,
+    so only the serving engine can rank the layers by the damage it does.
+    """
+
+    def __init__(self, fp32_model: onnx.ModelProto, recordings: tuple[Recording, ...],
+                 trials: tuple[Trial, ...]) -> None:
+        self.fp32_model, self.trials, self.labels = fp32_model, trials, trial_labels(trials)
+        embedder = _openvino(fp32_model)
+        self.items = [(r.utt_id, embedder.windows(fbank(load_audio(
+            r.path, start_seconds=r.start_seconds, stop_seconds=r.stop_seconds).tensor())).numpy())
+            for r in recordings]
+        self._fp32_embeddings = self._embed(embedder, self.items)
+        self.fp32 = self._metrics(self._fp32_embeddings)
+
+    def measure(self, model: onnx.ModelProto) -> VerificationMetrics:
+        """The model's metrics on the trials."""
+        return self._metrics(self._embed(_openvino(model), self.items))
+
+    def __call__(self, model: onnx.ModelProto, items: Iterable[tuple[str, np.ndarray]]) -> tuple[float, list[float]]:
+        items = list(items)
+        every = len(items) == len(self.items)
+        embeddings = (self._fp32_embeddings if every and model is self.fp32_model
+                      else self._embed(_openvino(model), items))
+        cosines = [float(vector @ self._fp32_embeddings[utt_id]) for utt_id, vector in embeddings.items()]
+        return (-self._metrics(embeddings).eer if every else float(np.mean(cosines))), cosines
+
+    @staticmethod
+    def _embed(embedder: OnnxEmbedder, items: list[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {utt_id: pool_windows(embedder.raw_embeddings(windows)) for utt_id, windows in items}
+
+    def _metrics(self, embeddings: dict[str, np.ndarray]) -> VerificationMetrics:
+        return compute_metrics(score_trials(embeddings, self.trials), self.labels)
+
+
+def _openvino(model: onnx.ModelProto) -> OnnxEmbedder:
+    """The model in OpenVINO as the server runs it: fp32, or int8 for a quantized graph (whatever metadata
+    it carries), which OpenVINO runs with the same fp32 setting around its int8 operations."""
+    with tempfile.TemporaryDirectory(prefix="spkft-int8-") as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save(model, str(path))
+        labelled_int8 = any(p.key == QUANTIZATION_KEY and p.value == "int8" for p in model.metadata_props)
+        return OnnxEmbedder.from_file(path, engine="openvino", precision="int8" if labelled_int8 else "fp32")
+
+
+def quantize_static(model: onnx.ModelProto, features: list[np.ndarray], check: EerCheck | None = None,
+                    max_eer_increase: float = DEFAULT_MAX_EER_INCREASE,
+                    max_fp32_layers: int = DEFAULT_MAX_FP32_LAYERS) -> onnx.ModelProto:
+    """``model`` with int8 QuantizeLinear/DequantizeLinear pairs, their scales measured on ``features``.
+
+    With an EER ``check`` of ``model`` and ``max_fp32_layers`` above 0, up to that many layers go
+    back to fp32 while the EER exceeds fp32's by more than ``max_eer_increase`` of it (see the
+    module docstring).
+    """
+    if check is not None and check.fp32_model is not model:
+        raise ValueError("the EER check must be of the model being quantized")
     with _quiet_nncf():
         import nncf  # seconds to import: only an int8 export pays for it
 
-        dataset = nncf.Dataset(features, lambda crop: {INPUT_NAME: crop})
-        return nncf.quantize(model, dataset, subset_size=len(features), target_device=nncf.TargetDevice.CPU)
+        calibration = nncf.Dataset(features, lambda crop: {INPUT_NAME: crop})
+        if check is None or max_fp32_layers == 0:
+            return nncf.quantize(model, calibration, subset_size=len(features), target_device=nncf.TargetDevice.CPU)
+        search = nncf.AdvancedAccuracyRestorerParameters(
+            max_num_iterations=max_fp32_layers, ranking_subset_size=min(RANKING_RECORDINGS, len(check.items)))
+        return nncf.quantize_with_accuracy_control(
+            model, calibration, nncf.Dataset(check.items, lambda item: {INPUT_NAME: item[1]}), check,
+            max_drop=max_eer_increase * check.fp32.eer, drop_type=nncf.DropType.ABSOLUTE,
+            subset_size=len(features), target_device=nncf.TargetDevice.CPU,
+            advanced_accuracy_restorer_parameters=search)
+
+
+def fp32_layers(model: onnx.ModelProto) -> list[str]:
+    """The names of a quantized model's convolutions and matrix products that run in fp32: none of their
+    inputs comes from a DequantizeLinear."""
+    dequantized = {output for node in model.graph.node if node.op_type == "DequantizeLinear" for output in node.output}
+    return [node.name for node in model.graph.node
+            if node.op_type in WEIGHTED_OPS and not dequantized.intersection(node.input)]
 
 
 @contextlib.contextmanager

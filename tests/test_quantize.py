@@ -19,7 +19,8 @@ from spkft.core.errors import ExportError, ModelError
 from spkft.core.export import export_int8
 from spkft.core.files import sha256_of
 from spkft.core.onnx_model import OnnxEmbedder, cpu_has_bf16, int8_twin
-from spkft.core.quantize import EerRoseError, Int8Settings, quantization_data
+from spkft.core.evaluate import evaluate
+from spkft.core.quantize import EerCheck, EerRoseError, Int8Settings, fp32_layers, quantization_data
 from spkft.core.train.config import TrainConfig
 from spkft.serve.client import SpeakerClient
 from spkft.serve.server import ServerConfig, create_server
@@ -74,6 +75,7 @@ def test_the_int8_twin_is_written_with_fp32_and_int8_figures(exported):
     assert metadata["spkft_quantization"] == "int8" and metadata["spkft_int8_check"] == "passed"
     assert metadata["spkft_int8_source_sha256"] == sha256_of(output)
     assert metadata["spkft_int8_calibration"].startswith("40 crops of csv:")
+    assert metadata["spkft_int8_fp32_layers"] == ""  # it passed fully quantized: no search, every layer in int8
     assert metadata["spkft_evaluation_data"].endswith("eval.csv") and metadata["spkft_trials"] == "1770"
     fp32, int8 = float(metadata["spkft_fp32_eer"]), float(metadata["spkft_eer"])
     assert 0 < fp32 < 0.5 and 0 < int8 < 0.5 and fp32 != int8  # measured, not copied
@@ -94,7 +96,7 @@ def hum_data(exported, data):
 def test_a_model_whose_eer_rose_is_refused_and_force_marks_it(exported, hum_data, tmp_path):
     fp32_file = tmp_path / "hum.onnx"
     shutil.copy(exported[1], fp32_file)
-    settings = Int8Settings(crops=20, max_eer_increase=TOLERANCE)
+    settings = Int8Settings(crops=20, max_eer_increase=TOLERANCE, max_fp32_layers=0)
     with pytest.raises(EerRoseError, match=r"^int8 raised the EER from \d+\.\d\d % to \d+\.\d\d % \(\+\d+\.\d % "
                                            r"relative, more than the 25 % allowed\): .*hum\.int8\.onnx was not "
                                            r"written, only the fp32 .*hum\.onnx; --force writes the int8 model "
@@ -103,13 +105,57 @@ def test_a_model_whose_eer_rose_is_refused_and_force_marks_it(exported, hum_data
     assert refused.value.int8.eer > refused.value.fp32.eer * (1 + TOLERANCE)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hum.onnx"]
 
-    forced = export_int8(fp32_file, hum_data, Int8Settings(crops=20, max_eer_increase=TOLERANCE, force=True))
+    forced = export_int8(fp32_file, hum_data, Int8Settings(crops=20, max_eer_increase=TOLERANCE, max_fp32_layers=0,
+                                                           force=True))
     assert forced.forced and forced.eer_increase > TOLERANCE and forced.path == int8_twin(fp32_file)
     assert metadata_of(forced.path)["spkft_int8_check"] == "forced"
     # Asked for by name it runs; auto never takes it.
     assert OnnxEmbedder.from_file(fp32_file, precision="int8").path == forced.path
     auto = OnnxEmbedder.from_file(fp32_file)
     assert auto.path == fp32_file and auto.engine.precision == ("bf16" if cpu_has_bf16() else "fp32")
+
+
+def test_the_eer_check_measures_as_evaluate_does_and_tells_nncf_how_far_embeddings_moved(exported, hum_data):
+    fp32_file = exported[1]
+    model = onnx.load(str(fp32_file))
+    check = EerCheck(model, hum_data.recordings, hum_data.trials)
+    reference = evaluate(OnnxEmbedder.from_file(fp32_file, engine="openvino", precision="fp32"),
+                         hum_data.recordings, hum_data.trials).metrics
+    assert check.fp32.eer == pytest.approx(reference.eer) and check.fp32.min_dcf == pytest.approx(reference.min_dcf)
+    # All items: minus the EER (NNCF's metrics grow with quality); each item's cosine to fp32.
+    metric, cosines = check(model, check.items)
+    assert metric == -check.fp32.eer and len(cosines) == len(hum_data.recordings)
+    assert cosines == pytest.approx([1.0] * len(cosines))
+    int8 = onnx.load(str(int8_twin(fp32_file)))
+    metric, cosines = check(int8, check.items)
+    assert metric == pytest.approx(-float(metadata_of(int8_twin(fp32_file))["spkft_eer"]))
+    assert 0.5 < np.mean(cosines) < 0.99999 and max(cosines) <= 1.0  # near fp32's, not fp32's
+    # Some items (NNCF ranks layers on those int8 moved most): their mean cosine to fp32.
+    subset, subset_cosines = check(int8, check.items[:5])
+    assert subset == pytest.approx(np.mean(cosines[:5])) and subset_cosines == pytest.approx(cosines[:5])
+
+
+def test_when_int8_fails_the_check_the_worst_layers_go_back_to_fp32(exported, data, tmp_path):
+    fp32_file = tmp_path / "search.onnx"
+    shutil.copy(exported[1], fp32_file)
+    # Few recordings, so that ranking every layer takes seconds: 3 speakers' digits, 66 trials.
+    few = data / "few.csv"
+    lines = (data / "eval.csv").read_text().splitlines()
+    few.write_text("\n".join([lines[0]] + [line for line in lines[1:] if line.split(",")[1] in
+                                              ("george", "jackson", "lucas")][:12]) + "\n")
+    hum = quantization_data({}, Int8Settings(data / "hum", few))
+    # Hum-calibrated int8 fails any tolerance; one step of the search may put back one group of layers.
+    searched = export_int8(fp32_file, hum, Int8Settings(crops=20, max_eer_increase=0.0, max_fp32_layers=1,
+                                                        force=True))
+    convolutions = {node.name for node in onnx.load(str(fp32_file)).graph.node if node.op_type == "Conv"}
+    assert 1 <= len(searched.fp32_layers) <= 3 and set(searched.fp32_layers) <= convolutions
+    int8 = onnx.load(str(searched.path))
+    assert fp32_layers(int8) == list(searched.fp32_layers)
+    metadata = {p.key: p.value for p in int8.metadata_props}
+    assert metadata["spkft_int8_fp32_layers"] == ",".join(searched.fp32_layers)
+    # The figures stored are the written file's own.
+    assert float(metadata["spkft_eer"]) == pytest.approx(EerCheck(onnx.load(str(fp32_file)), hum.recordings,
+                                                                  hum.trials).measure(int8).eer)
 
 
 def test_auto_takes_the_int8_twin_only_when_it_is_verified_for_this_file(exported, tmp_path):
@@ -197,6 +243,8 @@ def test_calibration_and_trials_default_to_the_runs_training_and_validation_data
     "extra, code, message",
     [
         (["--calibration", "x.csv", "--force"], 2, "--calibration, --force: only with --quantize int8"),
+        (["--max-fp32-layers", "3"], 2, "--max-fp32-layers: only with --quantize int8"),
+        (["--quantize", "int8", "--max-fp32-layers", "-1"], 2, "Input should be greater than or equal to 0"),
         (["--quantize", "int8", "--opset", "12"], 1, "int8 needs ONNX opset 13 or later (per-channel quantization), "
                                                     "got 12"),
         (["--quantize", "int8"], 1, "this checkpoint has no run config"),

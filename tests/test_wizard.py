@@ -799,9 +799,10 @@ async def test_step_8_shows_the_int8_comparison_before_int8_can_be_served(scratc
     worse = compute_metrics([0.1 * (i % 10) + (0.1 if t else 0.0) for i, t in enumerate(labels)], labels)
     outcomes = [EerRoseError(fp32, worse, 0.02, Path("model.onnx"), Path("model.int8.onnx")),
                 QuantizedModel(scratch / "model.int8.onnx", 2_000_000, fp32, fp32, "validation",
-                               "300 crops of the run's training data", 0.02, forced=False)]
+                               "300 crops of the run's training data", 0.02, ("/conv1/Conv",), forced=False)]
 
-    def export_int8(fp32_path, data):
+    def export_int8(fp32_path, data, note):
+        note("int8: measuring fp32 on 100 trials (validation)")
         outcome = outcomes.pop(0)
         if isinstance(outcome, EerRoseError):
             raise outcome
@@ -835,6 +836,7 @@ async def test_step_8_shows_the_int8_comparison_before_int8_can_be_served(scratc
         await settle(pilot)
         shown = str(step(app).query_one("#int8-result", Static).render())
         assert "EER +0.0 % relative, within the 2 % allowed" in shown and "✓ wrote" in shown
+        assert "1 layer(s) kept in fp32 to hold the EER: /conv1/Conv" in shown
         await press(pilot, "#start-server")
         await settle(pilot)
         assert asked == ["int8"]

@@ -22,6 +22,7 @@ from spkft.core.metrics import VerificationMetrics
 from spkft.core.quantize import (
     DEFAULT_CALIBRATION_CROPS,
     DEFAULT_MAX_EER_INCREASE,
+    DEFAULT_MAX_FP32_LAYERS,
     Int8Settings,
     eer_increase,
     relative,
@@ -58,6 +59,8 @@ def _summary(result: ExportResult) -> list[str]:
         forced = " (forced: its EER rose beyond the tolerance)" if q.forced else ""
         lines.append(f"int8: wrote {q.path}{forced} ({_megabytes(q.size_bytes)}, "
                      f"{q.size_bytes / result.size_bytes:.0%} of fp32), calibrated on {q.calibration}")
+        if q.fp32_layers:
+            lines.append(f"int8: {len(q.fp32_layers)} layer(s) in fp32: {', '.join(q.fp32_layers)}")
         lines.extend(int8_comparison(q.fp32, q.int8, q.max_eer_increase, q.evaluation_source))
     if result.metadata:
         lines.append("metadata:")
@@ -132,6 +135,13 @@ def export_command(
                      help="int8: refuse to write it when its EER exceeds fp32's by more than this fraction of it "
                           f"[default: {DEFAULT_MAX_EER_INCREASE:g}, i.e. 2 % relative]."),
     ] = None,
+    max_fp32_layers: Annotated[
+        Optional[int],
+        typer.Option("--max-fp32-layers", min=0, show_default=False,
+                     help="int8: when the fully quantized model's EER rises too much, put back in fp32, one at a "
+                          "time, up to this many of the layers int8 damages most (NNCF's accuracy control; each "
+                          f"costs a little speed and a search) [default: {DEFAULT_MAX_FP32_LAYERS}; 0: no search]."),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="int8: write it even when its EER rose too much (marked as forced, "
                                            "so serving never picks it on its own).")
@@ -163,12 +173,13 @@ def export_command(
         shown = ", ".join(f"--{name}" for name in given)
         raise typer.BadParameter(f"{shown} only apply to --format onnx", param_hint="--format")
     int8_options = {"calibration": calibration, "eval-data": eval_data, "calibration-crops": calibration_crops,
-                    "max-eer-increase": max_eer_increase, "force": force or None}
+                    "max-eer-increase": max_eer_increase, "max-fp32-layers": max_fp32_layers, "force": force or None}
     int8_given = [f"--{name}" for name, value in int8_options.items() if value is not None]
     if int8_given and quantize is None:
         raise typer.BadParameter(f"{', '.join(int8_given)}: only with --quantize int8", param_hint="--quantize")
     int8 = Int8Settings(calibration, eval_data, calibration_crops or DEFAULT_CALIBRATION_CROPS,
-                        DEFAULT_MAX_EER_INCREASE if max_eer_increase is None else max_eer_increase, force)
+                        DEFAULT_MAX_EER_INCREASE if max_eer_increase is None else max_eer_increase,
+                        DEFAULT_MAX_FP32_LAYERS if max_fp32_layers is None else max_fp32_layers, force)
     checkpoint = checkpoints[0] if len(checkpoints) == 1 else checkpoints
     if len(checkpoints) > 1:
         note = (" (averaged weights carry no validation result: no threshold is stored unless --threshold "

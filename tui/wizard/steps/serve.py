@@ -130,8 +130,8 @@ class ServeStep(StepScreen):
     def quantize(self, checkpoint: Path, fp32: Path) -> QuantizedModel | EerRoseError:
         """Calibrated on the run's training data, measured on its validation trials; a refusal is a result too."""
         data = quantization_data(read_checkpoint(checkpoint))
-        try:
-            return export_int8(fp32, data)
+        try:  # its stages (and the search for layers to keep in fp32 takes minutes) show in the status line
+            return export_int8(fp32, data, note=lambda line: self.app.call_from_thread(self.say, line))
         except EerRoseError as refused:
             return refused
 
@@ -201,6 +201,9 @@ class ServeStep(StepScreen):
         else:
             lines = int8_comparison(result.fp32, result.int8, result.max_eer_increase, result.evaluation_source)
             lines.append(f"✓ wrote {result.path} ({result.size_bytes / 1e6:.1f} MB), calibrated on {result.calibration}")
+            if result.fp32_layers:
+                lines.append(f"  {len(result.fp32_layers)} layer(s) kept in fp32 to hold the EER: "
+                             f"{', '.join(result.fp32_layers)}")
         self.query_one("#int8-result", Static).update("\n".join(lines))
 
     def show_server(self) -> None:
