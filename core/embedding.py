@@ -63,11 +63,6 @@ def window_starts(frames: int, window: int) -> list[int]:
     return [round(i * (frames - length) / (count - 1)) for i in range(count)]
 
 
-def pool_windows(embeddings: np.ndarray) -> np.ndarray:
-    """A recording's normalised embedding from its windows' embeddings ``[count, dim]`` (normalised or raw)."""
-    return l2_normalise(l2_normalise(embeddings).mean(axis=0))
-
-
 def cosine_score(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two embeddings, in [-1, 1]."""
     return float(np.clip(np.dot(l2_normalise(a), l2_normalise(b)), -1.0, 1.0))
@@ -111,25 +106,20 @@ class SpeakerEmbedder(ABC):
         """L2-normalised embeddings ``[batch, dim]`` of equally long mean-normalised fbank ``[batch, frames, 80]``."""
         return l2_normalise(self.raw_embeddings(features))
 
-    def windows(self, features: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """What the network sees of one recording's fbank ``[frames, 80]``: ``[1, frames, 80]`` up to
-        ``max_whole_seconds``, else equal windows ``[count, length, 80]`` spread over it."""
+    def embed_features(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The normalised embedding of one recording's mean-normalised fbank ``[frames, 80]``."""
         features = torch.as_tensor(features, dtype=torch.float32)
         frames = features.shape[0]
         if frames <= self.max_whole_frames:
-            return features.unsqueeze(0)
+            return self.embed_batch(features.unsqueeze(0))[0]
         starts = window_starts(frames, self.chunk_frames)
         length = math.ceil(frames / len(starts))
-        return torch.stack([features[s : s + length] for s in starts])
-
-    def embed_features(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
-        """The normalised embedding of one recording's mean-normalised fbank ``[frames, 80]``: the mean of
-        its windows' normalised embeddings (see :meth:`windows` and :func:`pool_windows`)."""
-        windows = self.windows(features)
-        return pool_windows(np.concatenate([
+        windows = torch.stack([features[s : s + length] for s in starts])
+        parts = [
             self.embed_batch(windows[i : i + self.chunks_per_batch])
             for i in range(0, len(windows), self.chunks_per_batch)
-        ]))
+        ]
+        return l2_normalise(np.concatenate(parts).mean(axis=0))
 
     def embed_waveform(self, waveform: Waveform) -> Embedding:
         vector = self.embed_features(fbank(waveform.tensor()))

@@ -222,6 +222,7 @@ def export_int8(fp32_path: Path, data: QuantizationData, settings: Int8Settings 
     if kept:
         say(f"int8: {len(kept)} layer(s) kept in fp32: {', '.join(kept)}")
     say("int8: measuring int8")
+    # The file as written, not NNCF's last measurement: NNCF stores the weights as int8 after measuring.
     measured = check.measure(quantized)
     increase = eer_increase(check.fp32.eer, measured.eer)
     if increase > settings.max_eer_increase and not settings.force:

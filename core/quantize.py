@@ -41,7 +41,6 @@ from pydantic import ValidationError
 
 from spkft.core.audio import load_audio, read_samples
 from spkft.core.data import make_trials, scan, segment
-from spkft.core.embedding import pool_windows
 from spkft.core.errors import DataError, ExportError
 from spkft.core.features import fbank
 from spkft.core.metrics import VerificationMetrics, compute_metrics
@@ -203,7 +202,7 @@ class EerCheck:
     """The EER of ONNX models on a fixed set of trials, measured in OpenVINO as the server runs them.
 
     It opens with the fp32 model's figures (:attr:`fp32`). It is also the validation function of
-    NNCF's accuracy control, called with a model and evaluation items (``(utt_id, windows)``, see
+    NNCF's accuracy control, called with a model and evaluation items (``(utt_id, fbank)``, see
     :attr:`items`). Given all of them it returns minus the EER (NNCF's metrics grow with quality);
     given some, as when NNCF ranks layers on the recordings int8 moved most, the mean cosine of
     their embeddings to fp32's. With either it returns each item's cosine to fp32, from which NNCF
@@ -218,28 +217,32 @@ class EerCheck:
     def __init__(self, fp32_model: onnx.ModelProto, recordings: tuple[Recording, ...],
                  trials: tuple[Trial, ...]) -> None:
         self.fp32_model, self.trials, self.labels = fp32_model, trials, trial_labels(trials)
-        embedder = _openvino(fp32_model)
-        self.items = [(r.utt_id, embedder.windows(fbank(load_audio(
-            r.path, start_seconds=r.start_seconds, stop_seconds=r.stop_seconds).tensor())).numpy())
-            for r in recordings]
-        self._fp32_embeddings = self._embed(embedder, self.items)
+        # Decoded once: NNCF measures one model per quantized layer on the same recordings.
+        self.items = [(r.utt_id, fbank(load_audio(r.path, start_seconds=r.start_seconds,
+                                                  stop_seconds=r.stop_seconds).tensor())) for r in recordings]
+        self._fp32_embeddings = self._embed(_openvino(fp32_model), self.items)
         self.fp32 = self._metrics(self._fp32_embeddings)
 
     def measure(self, model: onnx.ModelProto) -> VerificationMetrics:
         """The model's metrics on the trials."""
         return self._metrics(self._embed(_openvino(model), self.items))
 
-    def __call__(self, model: onnx.ModelProto, items: Iterable[tuple[str, np.ndarray]]) -> tuple[float, list[float]]:
+    def __call__(self, model: onnx.ModelProto, items: Iterable[tuple[str, torch.Tensor]]) -> tuple[float, list[float]]:
         items = list(items)
-        every = len(items) == len(self.items)
-        embeddings = (self._fp32_embeddings if every and model is self.fp32_model
-                      else self._embed(_openvino(model), items))
-        cosines = [float(vector @ self._fp32_embeddings[utt_id]) for utt_id, vector in embeddings.items()]
-        return (-self._metrics(embeddings).eer if every else float(np.mean(cosines))), cosines
+        if len(items) < len(self.items):  # the recordings NNCF ranks layers on
+            cosines = self._cosines(self._embed(_openvino(model), items))
+            return float(np.mean(cosines)), cosines
+        if model is self.fp32_model:
+            return -self.fp32.eer, self._cosines(self._fp32_embeddings)
+        embeddings = self._embed(_openvino(model), items)
+        return -self._metrics(embeddings).eer, self._cosines(embeddings)
 
     @staticmethod
-    def _embed(embedder: OnnxEmbedder, items: list[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return {utt_id: pool_windows(embedder.raw_embeddings(windows)) for utt_id, windows in items}
+    def _embed(embedder: OnnxEmbedder, items: list[tuple[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+        return {utt_id: embedder.embed_features(features) for utt_id, features in items}
+
+    def _cosines(self, embeddings: dict[str, np.ndarray]) -> list[float]:
+        return [float(vector @ self._fp32_embeddings[utt_id]) for utt_id, vector in embeddings.items()]
 
     def _metrics(self, embeddings: dict[str, np.ndarray]) -> VerificationMetrics:
         return compute_metrics(score_trials(embeddings, self.trials), self.labels)
@@ -275,7 +278,7 @@ def quantize_static(model: onnx.ModelProto, features: list[np.ndarray], check: E
         search = nncf.AdvancedAccuracyRestorerParameters(
             max_num_iterations=max_fp32_layers, ranking_subset_size=min(RANKING_RECORDINGS, len(check.items)))
         return nncf.quantize_with_accuracy_control(
-            model, calibration, nncf.Dataset(check.items, lambda item: {INPUT_NAME: item[1]}), check,
+            model, calibration, nncf.Dataset(check.items), check,
             max_drop=max_eer_increase * check.fp32.eer, drop_type=nncf.DropType.ABSOLUTE,
             subset_size=len(features), target_device=nncf.TargetDevice.CPU,
             advanced_accuracy_restorer_parameters=search)
