@@ -130,3 +130,34 @@ def test_real_librispeech_folder_has_one_file_per_speaker(librispeech_dir):
     assert set(report.recordings_per_speaker.values()) == {1}
     assert report.sample_rates == {16000: 251} and report.resampled == 0
     assert 0.5 < report.total_hours < 1.5
+
+
+def test_a_pool_reads_its_sources_as_one_and_keeps_same_named_speakers_apart(tmp_path):
+    for corpus in ("one", "two"):
+        write_wav(tmp_path / corpus / "103" / "a.wav")
+        write_wav(tmp_path / corpus / "103" / "b.wav")
+    write_wav(tmp_path / "two" / "7" / "c.wav")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "pool.csv").write_text("source,name\n../one,first\n../two,second\n")
+    report = scan(tmp_path / "lists" / "pool.csv")
+    assert report.kind is SourceKind.POOL
+    assert report.speakers == ("first/103", "second/103", "second/7")
+    assert len(report.recordings) == 5
+    assert {r.utt_id for r in report.recordings} >= {"first/103/a.wav", "second/103/a.wav"}
+    assert all(r.path.is_file() for r in report.recordings)
+
+
+@pytest.mark.parametrize("rows, problem", [
+    ("../one,a\n../one,a\n", "the name 'a' is given twice"),
+    ("../one,a/b\n", "must hold no whitespace and no '/'"),
+    ("../one,\n", "needs a source and a name"),
+    ("../missing,a\n", "no such file or folder"),
+    ("inner.csv,a\n", "is a pool itself"),
+])
+def test_a_pool_that_cannot_be_read_as_one_says_why(tmp_path, rows, problem):
+    write_wav(tmp_path / "one" / "103" / "a.wav")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "inner.csv").write_text("source,name\n../one,x\n")
+    (tmp_path / "lists" / "pool.csv").write_text("source,name\n" + rows)
+    with pytest.raises(DataError, match=problem):
+        scan(tmp_path / "lists" / "pool.csv")

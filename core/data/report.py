@@ -24,6 +24,8 @@ class SourceKind(StrEnum):
     THREED_SPEAKER_CSV = "3d-speaker-csv"
     SPEAKER_FOLDERS = "speaker-folders"
     KALDI = "kaldi"
+    # A CSV naming other sources (source,name), read as one with speakers prefixed by the name.
+    POOL = "pool"
     # Audio files with no speaker labels: accepted only where labels are optional (``allow_unlabelled``).
     AUDIO_FOLDER = "audio-folder"
 

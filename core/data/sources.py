@@ -6,6 +6,9 @@ Four layouts are accepted, told apart automatically:
 - 3D-Speaker's ``train.csv`` (``ID,dur,path,start,stop,spk``), each row a segment of a file;
 - a folder with one subfolder per speaker, audio files anywhere below each of them;
 - a Kaldi data directory: ``wav.scp`` and ``utt2spk`` (and ``segments`` when there is one);
+- a pool: a CSV with columns ``source,name`` listing other sources (any layout above, relative
+  paths relative to the pool's CSV) read as one; every speaker and utterance id is prefixed with
+  its source's ``name`` and a slash, so two corpora that both have a speaker ``103`` keep two;
 - only where speaker labels are optional (``allow_unlabelled``, e.g. fitting a backend
   adaptation): a folder of audio files with no speaker folders, every recording unlabelled.
 
@@ -33,6 +36,8 @@ UNLABELLED = ""  # the speaker of a recording from an unlabelled source
 
 _CSV_COLUMNS = {"path", "speaker"}
 _3D_SPEAKER_COLUMNS = {"id", "dur", "path", "start", "stop", "spk"}
+_POOL_COLUMNS = {"source", "name"}
+POOL_SEPARATOR = "/"
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -112,6 +117,8 @@ def read_source(source: str | Path, *, allow_unlabelled: bool = False) -> Listin
     elif kind is SourceKind.AUDIO_FOLDER:
         rows = [Row(_utt_id_for(p, path), _utt_id_for(p, path), p, UNLABELLED) for p in _loose_audio(path)]
         rejected = []
+    elif kind is SourceKind.POOL:
+        rows, rejected = _read_pool(path)
     else:
         rows, rejected = _read_csv(path, kind)
     if not rows and not rejected:
@@ -152,10 +159,12 @@ def _csv_kind(path: Path, header: list[str]) -> SourceKind:
         return SourceKind.THREED_SPEAKER_CSV
     if _CSV_COLUMNS <= columns:
         return SourceKind.CSV
+    if _POOL_COLUMNS <= columns:
+        return SourceKind.POOL
     found = repr(",".join(header)[:80]) if header else "nothing"
     raise DataError(
         f"{path}: not a data list: needs columns path,speaker (or 3D-Speaker's "
-        f"ID,dur,path,start,stop,spk); found {found}"
+        f"ID,dur,path,start,stop,spk, or source,name for a pool of sources); found {found}"
     )
 
 
@@ -313,4 +322,43 @@ def _read_kaldi(root: Path) -> tuple[list[Row], list[Excluded]]:
         for utt_id, (speaker, where) in speakers.items()
         if utt_id not in utterances and utt_id not in reported
     )
+    return rows, rejected
+
+
+def _read_pool(path: Path) -> tuple[list[Row], list[Excluded]]:
+    """The rows of every source a pool lists, each speaker and utterance id prefixed by its source's name."""
+    rows: list[Row] = []
+    rejected: list[Excluded] = []
+    names: dict[str, str] = {}
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            first = handle.readline()
+            header = _columns(first)
+            reader = csv.reader(handle, delimiter=_delimiter(first))
+            entries = [(f"{path.name}:{number}", dict(zip(header, (f.strip() for f in fields))))
+                       for number, fields in enumerate(reader, start=2) if any(f.strip() for f in fields)]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read the pool's list: {exc}") from None
+    for where, entry in entries:
+        name, source = entry.get("name", ""), entry.get("source", "")
+        if not name or not source or len(entry) != len(header):
+            raise DataError(f"{where}: a pool row needs a source and a name")
+        if _WHITESPACE.search(name) or POOL_SEPARATOR in name:
+            raise DataError(f"{where}: the name {name!r} must hold no whitespace and no {POOL_SEPARATOR!r}")
+        if name in names:
+            raise DataError(f"{where}: the name {name!r} is given twice (first at {names[name]})")
+        names[name] = where
+        target = _absolute(source, path.parent)
+        if detect_source(target)[0] is SourceKind.POOL:
+            raise DataError(f"{where}: {source} is a pool itself; list its sources here instead")
+        listing = read_source(target)
+        prefix = name + POOL_SEPARATOR
+        rows.extend(Row(f"{name}: {row.where}", prefix + row.utt_id, row.path, prefix + row.speaker,
+                        row.start_seconds, row.stop_seconds) for row in listing.rows)
+        rejected.extend(Excluded(e.reason, f"{name}: {e.where}", e.detail,
+                                 None if e.utt_id is None else prefix + e.utt_id,
+                                 None if e.speaker is None else prefix + e.speaker, e.path)
+                        for e in listing.rejected)
+    if not entries:
+        raise DataError(f"{path}: a pool that lists no sources")
     return rows, rejected
