@@ -142,6 +142,12 @@ EXPECTED = {
         "data.val_speakers": 30, "model.init": None, "model.variant": "eres2netv2", "model.args": {"m_channels": 8},
         "freeze.stages": "none", "optim.optimizer": "adamw", "optim.lr": 0.002, "run.epochs": 16,
     },
+    "demo-base.yaml": {  # the bundled spkft_demo_base: two pooled corpora, speakers of both held out
+        "recipe": None,
+        "data.train": Path("configs/demo-base-sources.csv"),
+        "data.val_speakers": 30, "data.test_speakers": 60, "model.init": None, "model.variant": "eres2netv2",
+        "model.args": {"m_channels": 8}, "freeze.stages": "none", "optim.optimizer": "adamw", "optim.lr": 0.002,
+    },
     "finetune-w24s4ep4.yaml": {  # auto, resolved here as it resolves for tens of speakers
         "recipe": "partial",
         "data.train": Path("data/train.csv"), "model.init": PRETRAINED, "model.variant": "eres2netv2_w24s4ep4",

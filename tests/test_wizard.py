@@ -18,7 +18,7 @@ from textual.widgets import (Button, DataTable, DirectoryTree, Input, RadioButto
                              Static)
 
 from spkft.core.catalogue import DEMO_BASE
-from spkft.core.data import DEMO_SPEAKERS
+from spkft.core.data import DEMO_SPEAKERS, write_demo
 from spkft.core.export import MIN_COSINE, QuantizedModel
 from spkft.core.metrics import compute_metrics
 from spkft.core.quantize import EerRoseError
@@ -145,7 +145,7 @@ async def choose_recipe(pilot: Pilot, name: str) -> None:
 
 def knobs(draft: Draft, name: str) -> dict:
     """What the draft holds for each knob recipe ``name`` sets, beside what the recipe sets."""
-    values = recipe_values(name, pretrained=draft.pretrained)
+    values = recipe_values(name, pretrained=draft.pretrained, rehearsal=draft.rehearsal)
     return {key: (draft.get(key), value) for key, value in values.items() if draft.get(key) != value}
 
 
@@ -427,6 +427,64 @@ async def test_changing_a_knob_the_recipe_set_makes_the_choice_custom(scratch):
         assert knobs(app.draft, "partial") == {"optim.lr": (lr, partial["optim.lr"])}
 
 
+async def test_rehearsal_recordings_hold_the_old_domain_in_place_of_distillation(scratch):
+    app = app_at(3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        draft = app.draft
+        pick = pick_recipe(training_data(draft.config, draft.scan), pretrained=True)
+        assert text_of(app, "#recipe-line") == f"auto → {pick.name}: {pick.reason}"
+        assert "no data.rehearsal to rehearse" in pick.reason
+        assert draft.config.freeze.distill == recipe_values(pick.name, pretrained=True)["freeze.distill"] > 0
+        assert step(app).query_one("#rehearsal-fraction").disabled
+        assert "Distillation (weight" in text_of(app, "#plan") and "rehearsed" not in text_of(app, "#plan")
+
+        write_demo("base", speakers=4, recordings_per_speaker=2, seconds=(1.0, 1.0), seed=1, test_speakers=0)
+        for number in (2, 1):
+            await pilot.press("ctrl+b")
+            await settle(pilot)
+            assert step(app).NUMBER == number
+        await type_into(pilot, "data.rehearsal", "base")
+        assert draft.config.data.rehearsal == Path("base")
+        await next_step(pilot, 2)
+        await next_step(pilot, 3)
+        pick = pick_recipe(training_data(draft.config, draft.scan), pretrained=True, rehearsal=True)
+        assert "rehearsed from data.rehearsal" in pick.reason
+        assert chosen(app, "recipe") == "auto" and text_of(app, "#recipe-line") == f"auto → {pick.name}: {pick.reason}"
+        assert (draft.config.data.rehearsal_fraction, draft.config.freeze.distill) == (0.25, 0)
+        assert knobs(draft, pick.name) == {}
+        assert field(app, "freeze.distill").input.value == "0.0"
+        assert not step(app).query_one("#rehearsal-fraction").disabled
+        assert "25% of every batch is rehearsed from base" in text_of(app, "#plan")
+        assert "Distillation" not in text_of(app, "#plan")
+        assert "per rehearsed speaker" in text_of(app, "#total")
+
+        for number in (2, 1):  # cleared again: distillation holds the old domain once more
+            await pilot.press("ctrl+b")
+            await settle(pilot)
+        await type_into(pilot, "data.rehearsal", "")
+        await next_step(pilot, 2)
+        await next_step(pilot, 3)
+        assert draft.config.data.rehearsal is None
+        assert draft.config.freeze.distill == recipe_values("full", pretrained=True)["freeze.distill"]
+        assert "no data.rehearsal to rehearse" in text_of(app, "#recipe-line")
+
+
+async def test_changing_the_distillation_weight_makes_the_choice_custom(scratch):
+    full = recipe_values("full", pretrained=True)
+    app = app_at(3)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await choose_recipe(pilot, "full")
+        weight = full["freeze.distill"] / 2
+        await type_into(pilot, "freeze.distill", f"{weight:g}")
+        await settle(pilot)
+        assert chosen(app, "recipe") == "custom" and app.draft.config.recipe is None
+        assert text_of(app, "#recipe-line") == "custom: your own values"
+        assert knobs(app.draft, "full") == {"freeze.distill": (weight, full["freeze.distill"])}
+        assert f"Distillation (weight {weight:g})" in text_of(app, "#plan")
+
+
 async def test_a_fresh_model_trains_from_scratch_and_cannot_take_a_fine_tuning_recipe(scratch):
     app = app_at(3)
     async with app.run_test(size=SIZE) as pilot:
@@ -445,6 +503,8 @@ async def test_a_fresh_model_trains_from_scratch_and_cannot_take_a_fine_tuning_r
         for name in ("linear-probe", "partial"):
             assert step(app).query_one(f"#recipe-{name}", RadioButton).disabled
         assert "linear-probe and partial fine-tune a pretrained checkpoint" in text_of(app, "#recipe-refused")
+        for pull in ("#l2-sp", "#distill", "#rehearsal-fraction"):  # nothing to pull toward, nothing to rehearse
+            assert step(app).query_one(pull).disabled
         pick = pick_recipe(training_data(draft.config, draft.scan), pretrained=False)
         assert pick.name == "full"
         assert chosen(app, "recipe") == "auto" and draft.config.recipe == "full"
@@ -668,6 +728,7 @@ FIELD_ERRORS = [
     (1, "data.min_recordings_per_speaker", "zero", "valid integer"),
     (3, "freeze.head_only_epochs", "-1", "greater than or equal to 0"),
     (3, "freeze.backbone_lr_scale", "2", "less than or equal to 1"),
+    (3, "freeze.distill", "-1", "greater than or equal to 0"),
     (4, "optim.lr", "fast", "valid number"),
     (4, "optim.lr", "0", "greater than 0"),
     (4, "run.epochs", "0", "greater than or equal to 1"),

@@ -56,6 +56,12 @@ class DataConfig(_Section):
         4.0, gt=0, description="Validation recordings are cut into segments this long, so one-file speakers have target trials."
     )
     max_trials: int = Field(20000, ge=10, description="Cap on generated validation trials (seeded sample).")
+    rehearsal: Optional[Path] = Field(
+        None, description="Labelled recordings of the domain the starting model knows (any multi-speaker corpus), "
+                          "rehearsed while fine-tuning so it is not forgotten; their speakers are extra classes "
+                          "of the head.")
+    rehearsal_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of every batch drawn from data.rehearsal.")
 
 
 class ModelConfig(_Section):
@@ -116,6 +122,9 @@ class FreezeConfig(_Section):
     head_only_epochs: int = Field(0, ge=0, description="Phase 1: train only the new head for this many epochs.")
     backbone_lr_scale: float = Field(1.0, gt=0, le=1, description="Learning-rate multiplier of the embedding model.")
     l2_sp: float = Field(0.0, ge=0, description="Weight of the L2-SP pull toward the pretrained weights.")
+    distill: float = Field(
+        0.0, ge=0, description="Weight of the pull of every crop's embedding toward the pretrained model's "
+                               "(learning without forgetting: 1 - cosine, averaged over the batch).")
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -209,6 +218,11 @@ class TrainConfig(_Section):
             raise ValueError("freeze.head_only_epochs must be below run.epochs, or the encoder is never tuned")
         if self.freeze.l2_sp > 0 and self.model.init is None:
             raise ValueError("freeze.l2_sp pulls toward pretrained weights: it needs model.init")
+        if self.data.rehearsal is not None and self.run.batch_size < 2:
+            raise ValueError("data.rehearsal mixes the user's crops and rehearsed ones in every batch: "
+                             "run.batch_size must be at least 2")
+        if self.freeze.distill > 0 and self.model.init is None:
+            raise ValueError("freeze.distill pulls toward a pretrained model's embeddings: it needs model.init")
         return self
 
     def to_yaml(self) -> str:
@@ -293,6 +307,7 @@ def check_paths(config: TrainConfig) -> None:
         problems.append("data.train: no training data given")
     for name, value in (("data.train", config.data.train), ("data.val", config.data.val),
                         ("data.trials", config.data.trials), ("data.test", config.data.test),
+                        ("data.rehearsal", config.data.rehearsal),
                         ("model.init", config.model.init),
                         ("augment.noise_dir", config.augment.noise_dir), ("augment.rir_dir", config.augment.rir_dir)):
         if value is not None and not Path(value).exists() and not (name == "model.init" and released(value)):

@@ -155,3 +155,58 @@ class EpochSampler(Sampler[int]):
         total = self.per_rank * self.world
         order = np.concatenate([rng.permutation(self.num_items) for _ in range(math.ceil(total / self.num_items))])
         return iter(order[:total][self.rank :: self.world].tolist())
+
+
+class MixedEpochSampler(Sampler[int]):
+    """Batches in which a fixed share of the crops comes from a second pool of items (rehearsal).
+
+    Items ``[0, num_items)`` are the user's recordings and ``[num_items, num_items + num_extra)``
+    the rehearsed ones. Each batch of ``batch_size`` holds exactly ``round(fraction * batch_size)``
+    rehearsed items (at least one, and at least one of the user's), at seeded random places; each
+    pool is walked through seeded permutations, epoch after epoch. Whole batches are dealt to the
+    ranks in turn, so every rank's batches keep the share.
+    """
+
+    def __init__(self, num_items: int, num_extra: int, fraction: float, batch_size: int, batches_per_rank: int,
+                 seed: int, rank: int = 0, world: int = 1) -> None:
+        if num_items < 1 or num_extra < 1:
+            raise ValueError("both pools need at least one item")
+        self.num_items, self.num_extra = num_items, num_extra
+        self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
+        self.extra_per_batch = self.rehearsed_per_batch(fraction, batch_size)
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch = 0
+
+    @staticmethod
+    def rehearsed_per_batch(fraction: float, batch_size: int) -> int:
+        """How many of a batch's ``batch_size`` crops are rehearsed at ``fraction``."""
+        if batch_size < 2:
+            raise ValueError("rehearsal needs batches of at least 2 crops: one of each pool")
+        return min(batch_size - 1, max(1, round(fraction * batch_size)))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank * self.batch_size
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, 104729])
+        batches = self.batches_per_rank * self.world
+        extra = self.extra_per_batch
+        own = self.batch_size - extra
+        ours = _permutations(rng, self.num_items, batches * own)
+        theirs = _permutations(rng, self.num_extra, batches * extra) + self.num_items
+        order: list[int] = []
+        for b in range(batches):
+            batch = np.concatenate([ours[b * own:(b + 1) * own], theirs[b * extra:(b + 1) * extra]])
+            if b % self.world == self.rank:
+                order.extend(rng.permutation(batch).tolist())
+            else:
+                rng.permutation(batch)  # the same draws on every rank, whichever batches it keeps
+        return iter(order)
+
+
+def _permutations(rng: np.random.Generator, n: int, total: int) -> np.ndarray:
+    """``total`` indices below ``n``: seeded permutations of ``range(n)``, one after another."""
+    return np.concatenate([rng.permutation(n) for _ in range(math.ceil(total / n))])[:total]

@@ -15,8 +15,14 @@ Pretrained recipes train the new head alone for one epoch (its random start woul
 the encoder off course), then the unfrozen stages with it, under AdamW with warmup and a cosine
 decay and a margin that rises over two epochs; they stop after five epochs without a better
 validation EER.
-Every pretrained recipe holds the encoder near its starting point with L2-SP (Li et al., 2018), so
-what it knew of other domains is not forgotten. The numbers were set from
+Every pretrained recipe holds the encoder near its starting point with L2-SP (Li et al., 2018), and
+holds what it knew of its old domain in one of two ways, chosen by what the user gave:
+- ``data.rehearsal`` given (recordings of a general or base-domain corpus): a share of every batch
+  is drawn from them, their speakers extra classes of the head, so the old task stays trained;
+- none given: every crop's embedding is pulled toward the starting model's embedding of the same
+  crop (``freeze.distill``; learning without forgetting, Li and Hoiem, 2016), which needs no data
+  beyond the user's own.
+The numbers were set from
 ``benchmarks/domain_adaptation.py``, which measures each recipe on a new domain and on the
 pretraining domain; README gives its figures.
 """
@@ -44,6 +50,7 @@ _PRETRAINED_COMMON: dict[str, Any] = {
     "freeze.head_only_epochs": 1,
     "freeze.backbone_lr_scale": 1.0,
     "freeze.l2_sp": 0.001,
+    "freeze.distill": 0.0,  # set by recipe_values: the distillation weight, or 0 where rehearsal holds the old domain
     "head.margin": 0.2,
     "head.margin_schedule": "linear",
     "head.margin_warmup_epochs": 2,
@@ -80,6 +87,7 @@ _FROM_SCRATCH: dict[str, Any] = {
     "freeze.head_only_epochs": 0,
     "freeze.backbone_lr_scale": 1.0,
     "freeze.l2_sp": 0.0,
+    "freeze.distill": 0.0,
     "head.margin": 0.2,
     "head.margin_schedule": "linear",
     "head.margin_warmup_epochs": 4,
@@ -100,13 +108,25 @@ _FROM_SCRATCH: dict[str, Any] = {
 FULL_MIN_SPEAKERS = 4
 FULL_MIN_HOURS = 0.05
 
+# Holding the old domain (benchmarks/domain_adaptation.py): the weight of the pull toward the
+# starting model's embeddings when there is nothing to rehearse, and the share of every batch
+# rehearsed when there is.
+DISTILL_WEIGHT = 10.0
+REHEARSAL_FRACTION = 0.25
 
-def recipe_values(name: str, pretrained: bool) -> dict[str, Any]:
-    """The knobs (dotted config keys) that recipe ``name`` sets, for a pretrained or a fresh network."""
+
+def recipe_values(name: str, pretrained: bool, rehearsal: bool = False) -> dict[str, Any]:
+    """The knobs (dotted config keys) that recipe ``name`` sets, for a pretrained or a fresh network;
+    ``rehearsal``: whether the config gives base-domain recordings to rehearse (``data.rehearsal``)."""
     if name not in RECIPES:
         raise ConfigError([f"recipe: unknown recipe {name!r}; choose one of: {', '.join(RECIPE_CHOICES)}"])
     if pretrained:
-        return dict(_PRETRAINED[name])
+        values = dict(_PRETRAINED[name])
+        if rehearsal:
+            values["data.rehearsal_fraction"] = REHEARSAL_FRACTION
+        else:
+            values["freeze.distill"] = DISTILL_WEIGHT
+        return values
     if name != "full":
         raise ConfigError([f"recipe: {name} fine-tunes a pretrained network: set model.init, or use recipe full"])
     return dict(_FROM_SCRATCH)
@@ -143,20 +163,23 @@ class RecipeChoice:
         return f"recipe {self.name}" + (f" (auto): {self.reason}" if self.auto else f": {self.reason}")
 
 
-def pick_recipe(data: DataSummary, pretrained: bool) -> RecipeChoice:
-    """``auto``: the recipe for this much training data, and the one-line reason."""
+def pick_recipe(data: DataSummary, pretrained: bool, rehearsal: bool = False) -> RecipeChoice:
+    """``auto``: the recipe for this much training data, and the one-line reason; ``rehearsal``:
+    whether base-domain recordings to rehearse were given."""
     size = data.describe()
     if not pretrained:
         return RecipeChoice("full", f"{size}, no pretrained model: every stage trains from scratch", True)
+    hold = (f"{REHEARSAL_FRACTION:.0%} of every batch rehearsed from data.rehearsal" if rehearsal else
+            "embeddings held toward the pretrained model's (no data.rehearsal to rehearse)")
     if data.speakers < FULL_MIN_SPEAKERS or data.hours < FULL_MIN_HOURS:
         return RecipeChoice("linear-probe", f"{size}: too little to retrain convolutions without memorising "
-                            "these speakers; only the embedding layer adapts", True)
-    return RecipeChoice("full", f"{size}: every stage adapts, held near the pretrained weights by L2-SP", True)
+                            f"these speakers; only the embedding layer adapts, {hold}", True)
+    return RecipeChoice("full", f"{size}: every stage adapts, {hold}", True)
 
 
-def describe(name: str, pretrained: bool) -> str:
+def describe(name: str, pretrained: bool, rehearsal: bool = False) -> str:
     """One line on what recipe ``name`` does."""
-    return _describe(recipe_values(name, pretrained), pretrained)
+    return _describe(recipe_values(name, pretrained, rehearsal), pretrained)
 
 
 def _describe(values: dict[str, Any], pretrained: bool) -> str:
@@ -172,6 +195,10 @@ def _describe(values: dict[str, Any], pretrained: bool) -> str:
         extras.append(f"encoder at {values['freeze.backbone_lr_scale']:g}x lr")
     if values["freeze.l2_sp"]:
         extras.append(f"L2-SP {values['freeze.l2_sp']:g}")
+    if values.get("data.rehearsal_fraction"):
+        extras.append(f"{values['data.rehearsal_fraction']:.0%} of every batch rehearsed")
+    if values["freeze.distill"]:
+        extras.append(f"distillation {values['freeze.distill']:g}")
     extras.append(f"{values['optim.optimizer']} lr {values['optim.lr']:g}, {values['run.epochs']} epochs")
     return f"{what}; " + ", ".join(extras)
 
@@ -190,7 +217,8 @@ def apply_recipe(config: TrainConfig, name: str) -> TrainConfig:
     # itself unset on the config, and a dump of the whole config would drop everything in it.
     explicit = {name: section.model_dump(mode="json", exclude_unset=True)
                 for name, section in config if isinstance(section, BaseModel)}
-    for dotted, value in recipe_values(name, pretrained=config.model.init is not None).items():
+    for dotted, value in recipe_values(name, pretrained=config.model.init is not None,
+                                       rehearsal=config.data.rehearsal is not None).items():
         section, key = dotted.split(".")
         explicit.setdefault(section, {}).setdefault(key, value)
     explicit["recipe"] = name
@@ -206,15 +234,16 @@ def resolve_recipe(config: TrainConfig, report: ScanReport | None = None) -> tup
     if config.recipe is None:
         return config, None
     pretrained = config.model.init is not None
+    rehearsal = config.data.rehearsal is not None
     if config.recipe == "auto":
         if config.data.train is None:
             raise ConfigError(["recipe: auto picks from the training data: set data.train"])
         if report is None:
             report = scan(config.data.train, min_recordings_per_speaker=config.data.min_recordings_per_speaker)
-        choice = pick_recipe(training_data(config, report), pretrained)
+        choice = pick_recipe(training_data(config, report), pretrained, rehearsal)
         return apply_recipe(config, choice.name), choice
     resolved = apply_recipe(config, config.recipe)
     # Described as it will run: values the user set in place of the recipe's are the ones shown.
     values = {key: getattr(getattr(resolved, key.split(".")[0]), key.split(".")[1])
-              for key in recipe_values(config.recipe, pretrained)}
+              for key in recipe_values(config.recipe, pretrained, rehearsal)}
     return resolved, RecipeChoice(config.recipe, _describe(values, pretrained), False)

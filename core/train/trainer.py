@@ -9,6 +9,7 @@ writes files and emits events.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import json
 import math
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from spkft.core.average import average_checkpoints
 from spkft.core.checkpoint import embedding_checkpoint, load_model, model_from_checkpoint, read_checkpoint
-from spkft.core.data import ScanReport, Split, make_trials, read_trials, segment, split_sources
+from spkft.core.data import ScanReport, Split, make_trials, read_trials, scan, segment, split_sources
 from spkft.core.embedding import Embedder
 from spkft.core.errors import CheckpointError, SpkftError, first_line
 from spkft.core.evaluate import evaluate
@@ -35,7 +36,7 @@ from spkft.core.model import DEFAULT_VARIANT, build_model
 from spkft.core.records import Recording, Trial
 from spkft.core.report import write_report
 from spkft.core.train.config import TrainConfig, check_paths
-from spkft.core.train.dataset import CropDataset, EpochSampler
+from spkft.core.train.dataset import CropDataset, EpochSampler, MixedEpochSampler
 from spkft.core.train.events import (
     EpochEnded,
     EventSink,
@@ -53,6 +54,8 @@ from spkft.core.train.runtime import Distributed, autocast, lr_factor, pick_devi
 from spkft.core.train.snapshots import EpochSnapshots
 
 ALL_ENCODER = ("stem", "layer1", "layer2", "layer3", "layer4", "layer3_ds", "fuse34", "seg_1")
+# The head's class names for rehearsed speakers: apart from the user's, whatever the two sources call them.
+REHEARSAL_PREFIX = "rehearsal:"
 
 
 def split_data(config: TrainConfig) -> tuple[Split, dict[str, ScanReport]]:
@@ -79,6 +82,23 @@ def validation_trials(config: TrainConfig, split: Split) -> tuple[list[Recording
     return recordings, trials
 
 
+def rehearsal_recordings(config: TrainConfig) -> list[Recording]:
+    """The recordings ``data.rehearsal`` lists, each speaker renamed into the rehearsal classes."""
+    source = config.data.rehearsal
+    if source is None:
+        return []
+    recordings = scan(source, min_recordings_per_speaker=config.data.min_recordings_per_speaker).recordings
+    if not recordings:
+        raise SpkftError(f"data.rehearsal: {source} has no usable recordings")
+    return [dataclasses.replace(r, speaker=REHEARSAL_PREFIX + r.speaker) for r in recordings]
+
+
+def distillation_loss(embeddings: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """How far each embedding has turned from the starting model's for the same crop: the mean of
+    1 - cosine. Zero where they point the same way, whatever their lengths."""
+    return (1.0 - F.cosine_similarity(embeddings.float(), reference.float(), dim=1)).mean()
+
+
 class TrainingDiverged(SpkftError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -91,7 +111,9 @@ class _Classifier(nn.Module):
         self.model, self.head = model, head
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor):
-        return self.head(self.model(features), labels)
+        embeddings = self.model(features)
+        loss, cos = self.head(embeddings, labels)
+        return loss, cos, embeddings
 
 
 # What last.ckpt holds beyond best.ckpt of the same epoch (Trainer._state with the optimiser, and
@@ -161,7 +183,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-            (self.run_dir / "labels.json").write_text(json.dumps(self.speakers, indent=0))
+            (self.run_dir / "labels.json").write_text(json.dumps(self.speakers + self.rehearsal_speakers, indent=0))
 
     def _setup_data(self) -> None:
         cfg = self.config
@@ -171,12 +193,19 @@ class Trainer:
         if len(self.speakers) < 2:
             raise SpkftError(f"training needs at least 2 speakers, found {len(self.speakers)}")
         self.val_recordings, self.val_trials = validation_trials(cfg, split)
-        labels = {s: i for i, s in enumerate(self.speakers)}
-        self.dataset = CropDataset(list(split.train), labels, cfg.augment, seed=cfg.run.seed)
+        rehearsed = rehearsal_recordings(cfg)
+        self.rehearsal_speakers = sorted({r.speaker for r in rehearsed})
+        labels = {s: i for i, s in enumerate(self.speakers + self.rehearsal_speakers)}
+        self.dataset = CropDataset(list(split.train) + rehearsed, labels, cfg.augment, seed=cfg.run.seed)
         per_step = cfg.run.batch_size * cfg.optim.grad_accum
         self.steps_per_epoch = cfg.run.steps_per_epoch or max(1, len(split.train) // (per_step * self.dist.world_size))
-        self.sampler = EpochSampler(len(self.dataset), self.steps_per_epoch * per_step, cfg.run.seed,
-                                    self.dist.rank, self.dist.world_size)
+        if rehearsed:
+            self.sampler = MixedEpochSampler(len(split.train), len(rehearsed), cfg.data.rehearsal_fraction,
+                                             cfg.run.batch_size, self.steps_per_epoch * cfg.optim.grad_accum,
+                                             cfg.run.seed, self.dist.rank, self.dist.world_size)
+        else:
+            self.sampler = EpochSampler(len(self.dataset), self.steps_per_epoch * per_step, cfg.run.seed,
+                                        self.dist.rank, self.dist.world_size)
         # Workers start afresh each epoch: persistent ones would keep the dataset's first epoch, and so its crops.
         self.loader = DataLoader(self.dataset, batch_size=cfg.run.batch_size, sampler=self.sampler,
                                  num_workers=cfg.run.num_workers, drop_last=True)
@@ -187,7 +216,9 @@ class Trainer:
         if cfg.model.init is not None:
             loaded = load_model(cfg.model.init, variant=cfg.model.variant, **cfg.model.args)
             self.model, self.variant = loaded.model, loaded.variant
+            self.teacher = self._frozen_copy(self.model) if cfg.freeze.distill > 0 else None
         else:
+            self.teacher = None
             self.variant = cfg.model.variant or DEFAULT_VARIANT
             self.model = build_model(self.variant, **cfg.model.args)
         self.head = AAMSoftmaxHead(self.model.config.embedding_size, self.dataset.num_classes,
@@ -203,9 +234,24 @@ class Trainer:
         memory_format = torch.channels_last if cfg.run.channels_last else torch.preserve_format
         self.model.to(self.device, memory_format=memory_format)
         self.head.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device, memory_format=memory_format)
         if self.anchor is not None:
             self.anchor = [a.to(self.device) for a in self.anchor]
         self.classifier = _Classifier(self.model, self.head)
+
+    @staticmethod
+    def _frozen_copy(model: nn.Module) -> nn.Module:
+        """The starting model, kept for distillation: no gradients, and batch norm that normalises
+        with each batch's statistics (as the model in training does, so the two agree exactly at
+        the start) without ever updating its running statistics."""
+        teacher = copy.deepcopy(model)
+        teacher.requires_grad_(False)
+        teacher.train()
+        for module in teacher.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = 0.0
+        return teacher
 
     def _setup_optimisation(self) -> None:
         opt = self.config.optim
@@ -344,7 +390,11 @@ class Trainer:
                 features = features.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
                 with autocast(self.device, self.precision):
-                    loss, cos = wrapped(features, labels)
+                    loss, cos, embeddings = wrapped(features, labels)
+                    if self.teacher is not None and not head_only:
+                        with torch.no_grad():
+                            reference = self.teacher(features)
+                        loss = loss + cfg.freeze.distill * distillation_loss(embeddings, reference)
                 if self.anchor is not None and not head_only:
                     loss = loss + 0.5 * cfg.freeze.l2_sp * sum(((p - a) ** 2).sum() for p, a in zip(self.trainable, self.anchor))
                 self.scaler.scale(loss / accum).backward()
@@ -435,6 +485,7 @@ class Trainer:
         state = {
             "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
             "speakers": self.speakers,
+            "rehearsal_speakers": self.rehearsal_speakers,
             "epoch": epoch,
             "global_step": self.global_step,
             "best_eer": self.best_eer,
@@ -481,6 +532,11 @@ class Trainer:
         self.dist.barrier()
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
+        # Checked before any state is loaded: other speakers make a head of another shape.
+        if checkpoint["speakers"] != self.speakers:
+            raise SpkftError("cannot resume: the training speakers differ from the interrupted run's")
+        if checkpoint.get("rehearsal_speakers", []) != self.rehearsal_speakers:
+            raise SpkftError("cannot resume: the rehearsed speakers (data.rehearsal) differ from the interrupted run's")
         model_state = {k: v for k, v in checkpoint["model"].items()}
         self.model.load_state_dict(model_state)
         self.head.load_state_dict(checkpoint["head"])
@@ -493,8 +549,6 @@ class Trainer:
         self.best_epoch = checkpoint["best_epoch"]
         self.stale_epochs = checkpoint["stale_epochs"]
         self.initial_eer = checkpoint["initial_eer"]
-        if checkpoint["speakers"] != self.speakers:
-            raise SpkftError("cannot resume: the training speakers differ from the interrupted run's")
         if self.dist.is_main:
             self._reconcile(checkpoint)
             (self.run_dir / "average.ckpt").unlink(missing_ok=True)

@@ -33,7 +33,7 @@ from spkft.tui.cli.models import fetch_shown
 
 # What may change when a run is resumed: how long it goes on and where it runs, not what it learns.
 RESUMABLE_CHANGES = {"run.epochs", "run.patience", "run.device", "run.num_workers"}
-PATH_KEYS = {"data.train", "data.val", "data.trials", "data.test", "model.init", "augment.noise_dir",
+PATH_KEYS = {"data.train", "data.val", "data.trials", "data.test", "data.rehearsal", "model.init", "augment.noise_dir",
              "augment.rir_dir", "run.output_dir"}
 
 
@@ -145,6 +145,13 @@ def train(
     init: Annotated[Optional[Path], typer.Option(
         "--init", help="Pretrained checkpoint to fine-tune: a released model's name (spkft models list; downloaded "
                        "on first use) or a file.")] = None,
+    rehearsal: Annotated[Optional[Path], typer.Option(
+        "--rehearsal", help="Labelled recordings of the domain the pretrained model knows, rehearsed in every batch "
+                            "so it is not forgotten.")] = None,
+    rehearsal_fraction: Annotated[Optional[float], typer.Option(
+        "--rehearsal-fraction", help="Share of every batch drawn from --rehearsal (default 0.25).")] = None,
+    distill: Annotated[Optional[float], typer.Option(
+        "--distill", help="Weight of the pull toward the pretrained model's embeddings (0 = off).")] = None,
     recipe: Annotated[Optional[str], typer.Option(
         "--recipe", help="auto, linear-probe, partial or full: fills in every knob not set otherwise.")] = None,
     variant: Annotated[Optional[str], typer.Option("--variant", help="Model variant.")] = None,
@@ -163,6 +170,7 @@ def train(
     """Fine-tune ERes2NetV2 on labelled recordings, validating EER every epoch."""
     overrides = {
         "recipe": recipe, "data.train": train_source, "data.val": val_source, "data.trials": trials, "model.init": init,
+        "data.rehearsal": rehearsal, "data.rehearsal_fraction": rehearsal_fraction, "freeze.distill": distill,
         "model.variant": variant, "model.args": _model_args(model_arg) or None, "freeze.stages": _freeze(freeze),
         "run.epochs": epochs, "run.batch_size": batch_size, "optim.lr": lr, "augment.crop_seconds": crop_seconds,
         "run.output_dir": output_dir, "run.device": device, "run.seed": seed,

@@ -30,7 +30,7 @@ AUTO = "auto"
 CUSTOM = "custom"  # step 3's choice of no recipe: the user's own values
 # Every knob some recipe sets: changing one by hand leaves the recipe for custom.
 RECIPE_KEYS = frozenset(recipe_values("full", pretrained=False)).union(
-    *(recipe_values(name, pretrained=True) for name in RECIPES))
+    *(recipe_values(name, pretrained=True, rehearsal=rehearsal) for name in RECIPES for rehearsal in (False, True)))
 
 
 def problem_of(error: ValidationError) -> str:
@@ -192,16 +192,21 @@ class Draft:
     def pretrained(self) -> bool:
         return self.config.model.init is not None
 
+    @property
+    def rehearsal(self) -> bool:
+        """Whether base-domain recordings to rehearse are given (``data.rehearsal``)."""
+        return self.config.data.rehearsal is not None
+
     def auto_pick(self) -> RecipeChoice:
         """The recipe auto picks for the scanned recordings less the held-out speakers, and why."""
-        return pick_recipe(training_data(self.config, self.scan), self.pretrained)
+        return pick_recipe(training_data(self.config, self.scan), self.pretrained, self.rehearsal)
 
     def recipe_refused(self, choice: str) -> bool:
         """Whether ``choice`` cannot be used with this model (a pretrained-only recipe on a fresh network)."""
         if choice in (AUTO, CUSTOM):
             return False
         try:
-            recipe_values(choice, self.pretrained)
+            recipe_values(choice, self.pretrained, self.rehearsal)
         except ConfigError:
             return True
         return False
@@ -218,7 +223,7 @@ class Draft:
             self._name_recipe(None)
             return
         name = self.picked.name if self.picked is not None else choice
-        for key, value in recipe_values(name, self.pretrained).items():
+        for key, value in recipe_values(name, self.pretrained, self.rehearsal).items():
             self.set(key, value)
         self._name_recipe(name)
 
@@ -251,7 +256,7 @@ class Draft:
         name = self.auto_pick().name if named == AUTO else named
         if self.recipe_refused(name):
             return named
-        values = recipe_values(name, self.pretrained)
+        values = recipe_values(name, self.pretrained, self.rehearsal)
         if all(self.get(key) == value for key, value in values.items() if self.is_explicit(key)):
             return named
         for key, value in values.items():
@@ -270,7 +275,7 @@ class Draft:
             return "custom: your own values"
         if self.picked is not None:
             return f"auto → {self.picked.name}: {self.picked.reason}"
-        return f"{self.recipe}: {describe(self.recipe, self.pretrained)}"
+        return f"{self.recipe}: {describe(self.recipe, self.pretrained, self.rehearsal)}"
 
     def split(self) -> Split:
         """How the scanned recordings are held out; raises DataError when the choice cannot work."""

@@ -26,6 +26,7 @@ KINDS = {
     SourceKind.THREED_SPEAKER_CSV: "3D-Speaker's train.csv",
     SourceKind.SPEAKER_FOLDERS: "a folder of speaker folders",
     SourceKind.KALDI: "a Kaldi data directory",
+    SourceKind.POOL: "a pool of sources",
 }
 LIST_SUFFIXES = (".csv", ".tsv", ".scp")
 DEMO_FOLDER = "spkft-demo"
@@ -115,6 +116,10 @@ class DataStep(StepScreen):
         yield PathField(self.draft, "data.test", "Test source", "Or a labelled source of its own for the final "
                         "evaluation, instead of held-out speakers.", suffixes=LIST_SUFFIXES, optional=True)
         yield Static(id="split", markup=False)
+        yield Label("Rehearsal recordings (optional)", classes="section")
+        yield PathField(self.draft, "data.rehearsal", "Rehearsal source", "Labelled speech of many speakers from "
+                        "the domain the pretrained model knows, mixed into every batch so fine-tuning does not "
+                        "forget it. Blank: none.", suffixes=LIST_SUFFIXES, optional=True)
 
     def on_mount(self) -> None:
         self.query_one("#scan-progress").display = False

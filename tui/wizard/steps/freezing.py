@@ -123,6 +123,11 @@ class FreezeStep(StepScreen):
         yield InputField(draft, "freeze.l2_sp", "L2-SP weight", "Pulls tuned weights toward the pretrained "
                          "ones rather than toward zero (small data); 0 = off. Needs a pretrained checkpoint.",
                          id="l2-sp")
+        yield InputField(draft, "freeze.distill", "Distillation weight", "Pulls each crop's embedding toward the "
+                         "pretrained model's, keeping what it knew without old data; 0 = off. Needs a pretrained "
+                         "checkpoint.", id="distill")
+        yield InputField(draft, "data.rehearsal_fraction", "Rehearsed share", "Share of every batch drawn from "
+                         "step 1's rehearsal recordings; only used when they are given.", id="rehearsal-fraction")
         yield Static(id="plan", markup=False)
 
     def stage_options(self) -> list[Selection[str]]:
@@ -138,6 +143,8 @@ class FreezeStep(StepScreen):
     def on_mount(self) -> None:
         # A fresh model has nothing to pull toward; a weight kept from before stays open to clear.
         self.query_one("#l2-sp").disabled = not self.draft.pretrained and not self.draft.config.freeze.l2_sp
+        self.query_one("#distill").disabled = not self.draft.pretrained and not self.draft.config.freeze.distill
+        self.query_one("#rehearsal-fraction").disabled = not self.draft.rehearsal
         self.set_reactive(FreezeStep.frozen, self.draft.config.freeze.frozen_stages())
         self.watch_frozen(self.frozen)
         self.show_recipe()
@@ -211,6 +218,8 @@ class FreezeStep(StepScreen):
         embedding = self.draft.model.model.config.embedding_size
         speakers = self.draft.train_speakers
         head = f"{embedding} × {speakers} speakers = {embedding * speakers:,}" if speakers else f"{embedding} × speakers"
+        if self.draft.rehearsal:
+            head += f", and {embedding} per rehearsed speaker"
         self.query_one("#total", Static).update(
             f"Trainable: {trainable:,} of {total:,} encoder parameters ({trainable / total:.0%}), "
             f"plus the new head ({head}).")
@@ -227,6 +236,13 @@ class FreezeStep(StepScreen):
             plan = f"One phase, epochs 1–{epochs}: {learns}{rate}."
         if freeze.l2_sp:
             plan += f" L2-SP (weight {freeze.l2_sp:g}) holds the tuned weights near the pretrained ones."
+        if freeze.distill:
+            plan += (f" Distillation (weight {freeze.distill:g}) holds each crop's embedding near the pretrained "
+                     "model's.")
+        data = self.draft.config.data
+        if data.rehearsal is not None:
+            plan += (f" {data.rehearsal_fraction:.0%} of every batch is rehearsed from {data.rehearsal}, "
+                     "its speakers extra classes of the head.")
         self.query_one("#plan", Static).update(plan)
 
     def blocker(self) -> str | None:
