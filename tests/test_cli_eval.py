@@ -276,7 +276,9 @@ def test_progress_shows_on_a_terminal_unless_json(as_json, tmp_path, heldout, ti
 def test_a_checkpoint_trained_on_evaluated_speakers_is_warned_about(tmp_path, heldout, tiny_checkpoint):
     loaded = load_model(tiny_checkpoint)
     trained = tmp_path / "trained.ckpt"
-    torch.save(embedding_checkpoint(loaded.model, loaded.variant, speakers=[SPEAKERS[1], SPEAKERS[0], "someone"]),
+    # A model trained on a pool knows its speakers as corpus/speaker; the corpus evaluated alone names them bare.
+    torch.save(embedding_checkpoint(loaded.model, loaded.variant,
+                                    speakers=[SPEAKERS[1], f"corpus/{SPEAKERS[0]}", "someone", "corpus/other"]),
                trained)
     result = run("-c", trained, "-d", heldout, "--baseline", tiny_checkpoint, "-o", tmp_path / "r", "--json")
     assert result.exit_code == 0, result.output

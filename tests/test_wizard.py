@@ -367,6 +367,11 @@ async def test_step_3_starts_on_auto_with_what_it_recommends_selected(scratch):
         assert chosen(app, "preset") == stages
         assert set(step(app).query_one("#stages", SelectionList).selected) == set(FREEZE_PRESETS[stages])
         assert knobs(draft, "linear-probe") == {}
+        # No rehearsal recordings given: distillation holds the old domain.
+        assert "no data.rehearsal to rehearse" in pick.reason
+        assert draft.config.freeze.distill == recipe_values(pick.name, pretrained=True)["freeze.distill"] > 0
+        assert step(app).query_one("#rehearsal-fraction").disabled
+        assert "Distillation (weight" in text_of(app, "#plan") and "rehearsed" not in text_of(app, "#plan")
 
 
 async def test_choosing_a_recipe_sets_every_knob_it_owns(scratch):
@@ -398,13 +403,15 @@ async def test_changing_a_knob_the_recipe_set_makes_the_choice_custom(scratch):
     app = app_at(3)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        await choose_recipe(pilot, "partial")
-        scale = partial["freeze.backbone_lr_scale"] / 2
-        await type_into(pilot, "freeze.backbone_lr_scale", f"{scale:g}")
-        await settle(pilot)
-        assert chosen(app, "recipe") == "custom" and app.draft.config.recipe is None
-        assert text_of(app, "#recipe-line") == "custom: your own values"
-        assert knobs(app.draft, "partial") == {"freeze.backbone_lr_scale": (scale, partial["freeze.backbone_lr_scale"])}
+        for key in ("freeze.backbone_lr_scale", "freeze.distill"):
+            await choose_recipe(pilot, "partial")
+            changed = partial[key] / 2
+            await type_into(pilot, key, f"{changed:g}")
+            await settle(pilot)
+            assert chosen(app, "recipe") == "custom" and app.draft.config.recipe is None
+            assert text_of(app, "#recipe-line") == "custom: your own values"
+            assert knobs(app.draft, "partial") == {key: (changed, partial[key])}
+        assert f"Distillation (weight {changed:g})" in text_of(app, "#plan")
 
         await choose_recipe(pilot, "partial")  # back to the recipe, then a stage frozen by hand
         assert app.draft.config.recipe == "partial" and knobs(app.draft, "partial") == {}
@@ -432,13 +439,6 @@ async def test_rehearsal_recordings_hold_the_old_domain_in_place_of_distillation
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         draft = app.draft
-        pick = pick_recipe(training_data(draft.config, draft.scan), pretrained=True)
-        assert text_of(app, "#recipe-line") == f"auto → {pick.name}: {pick.reason}"
-        assert "no data.rehearsal to rehearse" in pick.reason
-        assert draft.config.freeze.distill == recipe_values(pick.name, pretrained=True)["freeze.distill"] > 0
-        assert step(app).query_one("#rehearsal-fraction").disabled
-        assert "Distillation (weight" in text_of(app, "#plan") and "rehearsed" not in text_of(app, "#plan")
-
         write_demo("base", speakers=4, recordings_per_speaker=2, seconds=(1.0, 1.0), seed=1, test_speakers=0)
         for number in (2, 1):
             await pilot.press("ctrl+b")
@@ -468,21 +468,6 @@ async def test_rehearsal_recordings_hold_the_old_domain_in_place_of_distillation
         assert draft.config.data.rehearsal is None
         assert draft.config.freeze.distill == recipe_values("full", pretrained=True)["freeze.distill"]
         assert "no data.rehearsal to rehearse" in text_of(app, "#recipe-line")
-
-
-async def test_changing_the_distillation_weight_makes_the_choice_custom(scratch):
-    full = recipe_values("full", pretrained=True)
-    app = app_at(3)
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        await choose_recipe(pilot, "full")
-        weight = full["freeze.distill"] / 2
-        await type_into(pilot, "freeze.distill", f"{weight:g}")
-        await settle(pilot)
-        assert chosen(app, "recipe") == "custom" and app.draft.config.recipe is None
-        assert text_of(app, "#recipe-line") == "custom: your own values"
-        assert knobs(app.draft, "full") == {"freeze.distill": (weight, full["freeze.distill"])}
-        assert f"Distillation (weight {weight:g})" in text_of(app, "#plan")
 
 
 async def test_a_fresh_model_trains_from_scratch_and_cannot_take_a_fine_tuning_recipe(scratch):

@@ -16,7 +16,7 @@ from spkft.core.data.report import (
 )
 from spkft.core.data.scan import ScanProgress, scan
 from spkft.core.data.segments import segment
-from spkft.core.data.sources import AUDIO_SUFFIXES, detect_source
+from spkft.core.data.sources import AUDIO_SUFFIXES, POOL_SEPARATOR, detect_source
 from spkft.core.data.splits import Split, split_sources, split_speakers
 from spkft.core.data.trials import make_trials, read_trials, write_trials
 
@@ -25,6 +25,7 @@ __all__ = [
     "HISTOGRAM_EDGES",
     "Excluded",
     "HistogramBin",
+    "POOL_SEPARATOR",
     "Reason",
     "ScanProgress",
     "ScanReport",

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from spkft.core.catalogue import released
-from spkft.core.data import ScanReport, make_trials, read_trials, scan, segment
+from spkft.core.data import POOL_SEPARATOR, ScanReport, make_trials, read_trials, scan, segment
 from spkft.core.embedding import Embedder
 from spkft.core.errors import DataError
 from spkft.core.evaluate import Evaluation, evaluate
@@ -124,6 +124,8 @@ def _embedder(checkpoint: Path, variant: Optional[str], device: str, recordings:
     """The checkpoint's embedder; a note when it was trained on speakers of the evaluated data."""
     loaded = load_model(checkpoint, variant=variant, device=device)
     trained = set(loaded.checkpoint.get("speakers") or ())
+    # A model trained on a pool knows its speakers as corpus/speaker: the corpus read alone names them bare.
+    trained |= {name.partition(POOL_SEPARATOR)[2] for name in trained if POOL_SEPARATOR in name}
     heard = sorted(trained & {r.speaker for r in recordings})
     if heard:
         shown = ", ".join(heard[:3]) + (", ..." if len(heard) > 3 else "")
