@@ -106,25 +106,30 @@ def test_rehearsed_speakers_are_extra_classes_of_the_head_in_every_batch(tmp_pat
 
 
 # --------------------------------------------------------------------------------- distillation
-def test_the_distillation_term_is_zero_at_the_starting_weights_and_grows_as_they_move(tiny_base):
-    from spkft.core.checkpoint import load_model
-
-    model = load_model(tiny_base).model
-    teacher = Trainer._frozen_copy(model)
-    model.train()
+@pytest.mark.parametrize("frozen", ["none", "early", "encoder"])
+def test_the_distillation_term_is_zero_at_the_starting_weights_and_grows_as_they_move(tmp_path, fsdd_lists, tiny_base,
+                                                                                      frozen):
+    trainer = Trainer(config(tmp_path, *fsdd_lists, **{"model.init": tiny_base, "freeze.distill": 1.0,
+                                                        "freeze.stages": frozen}))
+    trainer.setup()
+    trainer._set_train_mode(head_only=False)  # as every step of the encoder's phase runs them
+    model, teacher = trainer.model, trainer.teacher
+    statistics = [b.clone() for b in teacher.buffers() if b.is_floating_point()]  # running means and variances
     features = torch.randn(4, 60, 80)
     with torch.no_grad():
         assert distillation_loss(model(features), teacher(features)).item() == pytest.approx(0.0, abs=1e-6)
         losses = []
         direction = [torch.randn_like(p) for p in model.parameters()]
-        for step in (0.01, 0.05, 0.25):
+        for step in (0.002, 0.01, 0.05):
             for p, d in zip(model.parameters(), direction):
                 p.add_(step * d)
             losses.append(distillation_loss(model(features), teacher(features)).item())
     assert 0 < losses[0] < losses[1] < losses[2]
     # The starting model is never trained, and its running statistics never move.
     assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip((b for b in teacher.buffers() if b.is_floating_point()), statistics))
     assert distillation_loss(torch.ones(2, 3), 5 * torch.ones(2, 3)).item() == pytest.approx(0.0, abs=1e-6)
+    trainer.cleanup()
 
 
 def test_distillation_holds_the_embeddings_nearer_the_starting_model(tmp_path, fsdd_lists, tiny_base):

@@ -242,9 +242,10 @@ class Trainer:
 
     @staticmethod
     def _frozen_copy(model: nn.Module) -> nn.Module:
-        """The starting model, kept for distillation: no gradients, and batch norm that normalises
-        with each batch's statistics (as the model in training does, so the two agree exactly at
-        the start) without ever updating its running statistics."""
+        """The starting model, kept for distillation: no gradients, and batch norm that never
+        updates its running statistics. In training mode it normalises with each batch's
+        statistics, as the unfrozen stages of the model in training do (frozen stages use their
+        running statistics in both: see :meth:`_set_train_mode`)."""
         teacher = copy.deepcopy(model)
         teacher.requires_grad_(False)
         teacher.train()
@@ -359,7 +360,13 @@ class Trainer:
 
     def _set_train_mode(self, head_only: bool) -> None:
         self.classifier.train()
-        hold_frozen_batchnorm(self.model, ALL_ENCODER if head_only else self.frozen)
+        held = ALL_ENCODER if head_only else self.frozen
+        hold_frozen_batchnorm(self.model, held)
+        if self.teacher is not None:
+            # The same normalisation as the model in training, stage by stage, so that the two agree
+            # exactly until the weights move.
+            self.teacher.train()
+            hold_frozen_batchnorm(self.teacher, held)
 
     def _margin(self, epoch_progress: float) -> float:
         head = self.config.head
