@@ -1,41 +1,44 @@
 """Domain adaptation, measured: a pretrained model fine-tuned on a new domain, tested on speakers it never saw.
 
-The case spkft is for: a model pretrained on one domain, a user's recordings from another, and the
-question whether fine-tuning makes it a better verifier there without making it worse where it
-came from. No released weights can be downloaded here, so the benchmark makes its own base:
+The case spkft is for: a model pretrained on one domain, a user's recordings from another, and two
+questions: does fine-tuning make it a better verifier there, and does it stay as good where it came
+from. No released weights can be downloaded here, so the base is spkft's own:
 
-- **Base model**: a narrow ERes2NetV2 (m_channels 8) trained by ``spkft train`` on the shared
-  LibriSpeech subset (English read speech, 16 kHz), with 20 speakers held out for validation and
-  30 as the base domain's test set (2 s segments of their recordings, every trial). It is cached
-  under ``benchmarks/.cache/domain_adaptation/`` (ignored by git); ``--rebuild-base`` retrains it.
-- **New domain**: EmoDB (German, acted emotions, 22.05 kHz). A seeded split puts 4 speakers in
-  the test set (every trial among their recordings) and gives the other 6 to fine-tuning, which
-  holds 2 of them out for its own validation as ``spkft train`` does by default.
+- **Base model**: the bundled ``spkft_demo_base`` (``configs/demo-base.yaml``): a narrow ERes2NetV2
+  trained on LibriSpeech (one recording per speaker) pooled with speechocean762's adults (ten
+  sentences per speaker). Its config names the speakers it held out; the 60 test speakers (about
+  40 LibriSpeech, 20 speechocean762) are the base domain's test sets here, every pair a trial
+  (LibriSpeech's single recordings cut into 2 s segments). ``--base CKPT`` measures another base
+  trained by the same config on the same split.
+- **New domain** (``--domain``):
+  - ``emodb`` (the default): EmoDB (German, acted emotions, 22.05 kHz). A seeded split puts 4
+    speakers in the test set (every trial among their recordings) and gives the other 6 to
+    fine-tuning, which holds 2 of them out for its own validation as ``spkft train`` does.
+  - ``telephone``: the 30 speakers the base held out for its validation (it never trained on
+    them), as a telephone line would carry them: 8 kHz, band-limited, mu-law coded (8 bits).
+    A seeded split tests on 12 and fine-tunes on 18.
+- **Keeping the old domain**: each recipe runs three ways: without holding the old domain
+  (``freeze.distill 0``), with distillation toward the base's embeddings (what ``auto`` does when
+  no base-domain speech is given) and with rehearsal of the base's own training speakers
+  (``data.rehearsal``; what ``auto`` does when some is given).
 
-One table, every row tested on the same target-domain trials and base-domain trials:
+One table, every row tested on the same trials:
   (a) the base as is;
-  (b) the base fine-tuned with each recipe (``spkft train --init BASE --recipe NAME``), and
-      the recipe ``auto`` picks for this data;
+  (b) the base fine-tuned with each recipe, each way; the rows ``auto`` picks are marked;
   (c) a fresh network trained on the target speakers alone with the same number of steps;
   (d) the base with a backend adaptation (``spkft adapt``, method auto) fitted on the 6
-      fine-tuning speakers' recordings, no retraining;
-  (e) the best of (b) with the same adaptation fitted to it;
-  plus checkpoint averaging: the best recipe's run with its last epochs averaged against its best
-  epoch alone.
-EER comes with a 95 % interval from a bootstrap over test recordings (trials between resampled
-recordings), so the reader can see what is noise. The base-domain column shows what the row's
-model (with its adaptation, where it has one) does on the pretraining domain: what was forgotten.
+      fine-tuning speakers' recordings, no retraining.
+EER on the new domain comes with a 95 % interval from a bootstrap over test recordings. The
+base-domain columns show what each model does on the pretraining domain's held-out speakers: what
+was forgotten.
 
-    python benchmarks/domain_adaptation.py [--rebuild-base] [--seed 0] [--threads 2] [--bootstrap 200]
-
-On the 2-core CPU the base took 26 minutes (while other jobs shared it) and the rest 13; with
-the base cached, a run is the 13.
+    python benchmarks/domain_adaptation.py [--domain emodb|telephone] [--recipes full,...] [--base CKPT]
+                                           [--seed 0] [--threads 2] [--bootstrap 200]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import sys
@@ -47,28 +50,18 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-LIBRISPEECH = DATA / "librispeech-train-clean-100-251spk" / "manifest.csv"
 EMODB = DATA / "emodb-10spk" / "manifest.csv"
 CACHE = ROOT / "benchmarks" / ".cache" / "domain_adaptation"
 
-BASE_VAL_SPEAKERS, BASE_TEST_SPEAKERS = 20, 30
-TARGET_TEST_SPEAKERS = 4
+TARGET_TEST_SPEAKERS = {"emodb": 4, "telephone": 12}
+TELEPHONE_RATE = 8000
 SEGMENT_SECONDS = 2.0
-# The base: README's LibriSpeech recipe for a narrow network, shortened to fit the benchmark.
-BASE_CONFIG = {
-    "data.val_speakers": BASE_VAL_SPEAKERS, "data.test_speakers": BASE_TEST_SPEAKERS,
-    "data.segment_seconds": SEGMENT_SECONDS,
-    "model.variant": "eres2netv2", "model.args": {"m_channels": 8},
-    "freeze.stages": "none", "augment.crop_seconds": 2.0,
-    "head.margin": 0.2, "head.margin_warmup_epochs": 4,
-    "optim.optimizer": "adamw", "optim.lr": 0.002, "optim.weight_decay": 1e-4, "optim.warmup_epochs": 0.5,
-    "run.epochs": 12, "run.batch_size": 32, "run.steps_per_epoch": 60, "run.patience": None,
-}
 RECIPE_NAMES = ("linear-probe", "partial", "full")
-AVERAGE_LAST = 3
+# The ways of keeping the old domain each recipe is run with: the label, and the config they add.
+HOLDS = ("none", "distillation", "rehearsal")
 # Targets of the case (README states whether they are met).
-TARGET_RELATIVE_GAIN = 0.30  # target-domain EER of the best recipe at least 30 % below the base's
-MAX_FORGETTING = 0.10  # base-domain EER at most 10 % above the base's
+TARGET_RELATIVE_GAIN = 0.30  # target-domain EER of the auto recipe at least 30 % below the base's
+MAX_FORGETTING = 0.10  # base-domain EER at most 10 % above the base's, on each base-domain test set
 
 
 @dataclass
@@ -77,9 +70,10 @@ class Row:
     target_eer: float
     target_interval: tuple[float, float]
     target_min_dcf: float
-    base_eer: float
+    base_eers: dict[str, float]  # base-domain test set -> EER
     seconds: float
     note: str = ""
+    auto: str = ""  # which auto pick this row is ("no rehearsal data", "rehearsal data given"), if any
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -105,29 +99,89 @@ def emodb_at_16k() -> Path:
     return manifest
 
 
-def target_split(seed: int):
-    """EmoDB's recordings, split by speaker: (fine-tuning recordings, test recordings)."""
+def telephone(recordings) -> Path:
+    """``recordings`` as a telephone line carries them, once, into the cache: 8 kHz (the resampler's
+    low-pass band-limits them below 4 kHz), mu-law coded in 8 bits and decoded again."""
+    import soundfile as sf
+    import torch
+    import torchaudio.functional as AF
+
+    from spkft.core.audio import read_samples
+
+    folder = CACHE / "telephone"
+    manifest = folder / "manifest.csv"
+    lines = ["path,speaker"]
+    for recording in recordings:
+        name = recording.utt_id.replace("/", "_") + ".wav"
+        if not (folder / name).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            wave = torch.from_numpy(read_samples(recording.path, recording.start_seconds, recording.stop_seconds))
+            narrow = AF.resample(wave, 16000, TELEPHONE_RATE).clamp(-1, 1)
+            coded = AF.mu_law_decoding(AF.mu_law_encoding(narrow, 256), 256)
+            sf.write(folder / name, coded.numpy(), TELEPHONE_RATE, subtype="PCM_16")
+        lines.append(f"{name},{recording.speaker}")
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def target_split(domain: str, seed: int, base_val):
+    """The new domain's recordings, split by speaker: (fine-tuning recordings, test recordings)."""
     from spkft.core.data import scan
 
-    report = scan(emodb_at_16k())
+    report = scan(emodb_at_16k() if domain == "emodb" else telephone(base_val))
     speakers = list(report.speakers)
     random.Random(seed).shuffle(speakers)
-    test = set(speakers[:TARGET_TEST_SPEAKERS])
+    test = set(speakers[:TARGET_TEST_SPEAKERS[domain]])
     train = [r for r in report.recordings if r.speaker not in test]
     return train, [r for r in report.recordings if r.speaker in test]
 
 
-def base_test_recordings(seed: int):
-    """The base domain's test set: the 30 LibriSpeech speakers the base never saw, as 2 s segments."""
-    from spkft.core.data import scan, segment, split_speakers
+def trial_set(recordings):
+    """Every pair of ``recordings`` a trial; a speaker with a single recording gives segments of it,
+    so that it has same-speaker trials too."""
+    from collections import Counter
 
-    split = split_speakers(scan(LIBRISPEECH).recordings, val=BASE_VAL_SPEAKERS, test=BASE_TEST_SPEAKERS, seed=seed)
-    return segment(split.test, SEGMENT_SECONDS)
+    from spkft.core.data import segment
+
+    counts = Counter(r.speaker for r in recordings)
+    return TestSet([part for r in recordings
+                    for part in (segment([r], SEGMENT_SECONDS) if counts[r.speaker] == 1 else [r])])
+
+
+def base_split(base: str):
+    """The base's own split, remade from the config stored in its checkpoint: (the recordings it
+    trained on, those it validated on, its held-out test recordings by corpus as trial sets)."""
+    import os
+
+    from spkft.core.checkpoint import read_checkpoint
+    from spkft.core.train import load_config
+    from spkft.core.train.trainer import split_data
+
+    stored = read_checkpoint(base).get("config")
+    if not stored:
+        raise SystemExit(f"{base}: the checkpoint holds no training config, so its held-out speakers are unknown")
+    config = load_config(None, {"data.train": stored["data"]["train"], "data.val_speakers": stored["data"]["val_speakers"],
+                                "data.test_speakers": stored["data"]["test_speakers"], "run.seed": stored["run"]["seed"]})
+    previous = os.getcwd()
+    os.chdir(ROOT)  # the config's paths are relative to the checkout, as configs/demo-base.yaml is run
+    try:
+        split, _ = split_data(config)
+    finally:
+        os.chdir(previous)
+    if not split.test:
+        raise SystemExit(f"{base}: its config held out no test speakers (data.test_speakers)")
+    corpora: dict[str, list] = {}
+    for recording in split.test:
+        corpora.setdefault(recording.speaker.partition("/")[0], []).append(recording)
+    tests = {name: trial_set(recordings) for name, recordings in sorted(corpora.items())}
+    return list(split.train), list(split.val), tests
 
 
 def write_manifest(recordings, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("path,speaker\n" + "".join(f"{r.path},{r.speaker}\n" for r in recordings))
+    rows = "".join(f"{r.path},{r.speaker},{r.start_seconds:g},{'' if r.stop_seconds is None else f'{r.stop_seconds:g}'}\n"
+                   for r in recordings)
+    path.write_text("path,speaker,start,stop\n" + rows)
     return path
 
 
@@ -148,6 +202,10 @@ class TestSet:
         speakers = [r.speaker for r in self.recordings]
         self.same = np.equal.outer(speakers, speakers)
         self.upper = np.triu_indices(len(self.recordings), k=1)
+
+    def describe(self) -> str:
+        return (f"{len({r.speaker for r in self.recordings})} speakers, {len(self.recordings)} recordings, "
+                f"{len(self.upper[0]):,} trials ({int(self.same[self.upper].sum()):,} same-speaker)")
 
     def measure(self, embeddings: np.ndarray, bootstrap: int, seed: int) -> tuple[float, tuple[float, float], float]:
         from spkft.core.metrics import compute_metrics, eer
@@ -206,32 +264,23 @@ def train(overrides: dict, output_dir: Path, log) -> Run:
     return Run(output_dir, seen["steps"], seen["epochs"], finished.best_epoch)
 
 
-def build_base(seed: int, rebuild: bool, log) -> Path:
-    base_dir = CACHE / "base"
-    settings = json.dumps(BASE_CONFIG | {"seed": seed}, sort_keys=True)
-    stamp = base_dir / "benchmark-settings.json"
-    if not rebuild and (base_dir / "best.ckpt").is_file() and stamp.is_file() and stamp.read_text() == settings:
-        log(f"base: cached in {base_dir} (--rebuild-base retrains it)")
-        return base_dir / "best.ckpt"
-    log("base: training on LibriSpeech (cached for later runs)")
-    started = time.monotonic()
-    train(BASE_CONFIG | {"data.train": str(LIBRISPEECH), "run.seed": seed}, base_dir, log)
-    stamp.write_text(settings)
-    log(f"base: trained in {time.monotonic() - started:.0f} s")
-    return base_dir / "best.ckpt"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rebuild-base", action="store_true", help="retrain the cached base model")
+    parser.add_argument("--base", default="spkft_demo_base",
+                        help="the base checkpoint (default: the bundled spkft_demo_base); its stored config must "
+                             "name its held-out speakers")
+    parser.add_argument("--domain", choices=sorted(TARGET_TEST_SPEAKERS), default="emodb", help="the new domain")
+    parser.add_argument("--recipes", default=",".join(RECIPE_NAMES), help="the recipes to run, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, crops and initialisation")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the EER interval")
     args = parser.parse_args()
-    for path in (LIBRISPEECH, EMODB):
-        if not path.is_file():
-            print(f"shared data not found at {path} (expected ../shared beside the checkout)", file=sys.stderr)
-            return 2
+    recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
+    if not recipes or any(name not in RECIPE_NAMES for name in recipes):
+        parser.error(f"--recipes: choose among {', '.join(RECIPE_NAMES)}")
+    if args.domain == "emodb" and not EMODB.is_file():
+        print(f"shared data not found at {EMODB} (expected ../shared beside the checkout)", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -248,106 +297,106 @@ def main() -> int:
 
     CACHE.mkdir(parents=True, exist_ok=True)
     started_all = time.monotonic()
-    base = build_base(args.seed, args.rebuild_base, log)
-    target_train, target_test = target_split(args.seed)
-    manifest = write_manifest(target_train, CACHE / "target-train.csv")
-    target = TestSet(target_test)
-    base_test = TestSet(base_test_recordings(args.seed))
-    log(f"target domain: EmoDB, fine-tuning speakers {sorted({r.speaker for r in target_train})} "
-        f"({len(target_train)} recordings), test speakers {sorted({r.speaker for r in target_test})} "
-        f"({len(target_test)} recordings, {len(target.upper[0]):,} trials, {int(target.same[target.upper].sum()):,} "
-        f"same-speaker)")
-    log(f"base domain: {len({r.speaker for r in base_test.recordings})} held-out LibriSpeech speakers, "
-        f"{len(base_test.recordings)} segments of {SEGMENT_SECONDS:g} s, {len(base_test.upper[0]):,} trials")
+    base = args.base
+    base_train, base_val, base_tests = base_split(base)
+    rehearsal = write_manifest(base_train, CACHE / "rehearsal.csv")
+    target_train, target_test = target_split(args.domain, args.seed, base_val)
+    manifest = write_manifest(target_train, CACHE / f"{args.domain}-train.csv")
+    target = trial_set(target_test)
+    log(f"base: {base}")
+    log(f"target domain: {args.domain}, {len({r.speaker for r in target_train})} fine-tuning speakers "
+        f"({len(target_train)} recordings); test: {target.describe()}")
+    for name, test in base_tests.items():
+        log(f"base domain, {name}: the base's held-out test speakers, {test.describe()}")
+    log(f"rehearsal data: the base's {len(base_train)} training recordings of "
+        f"{len({r.speaker for r in base_train})} speakers")
 
     rows: list[Row] = []
-    test_vectors: dict[Path, tuple[np.ndarray, np.ndarray]] = {}  # by checkpoint: (d) and (e) reuse (a)'s and (b)'s
+    vectors: dict[Path | str, tuple] = {}  # by checkpoint: (d) reuses (a)'s embeddings
 
-    def measure(label: str, checkpoint: Path, seconds: float, adaptation=None, note: str = "") -> Row:
-        if checkpoint not in test_vectors:
+    def measure(label: str, checkpoint, seconds: float, adaptation=None, note: str = "", auto: str = "") -> Row:
+        if checkpoint not in vectors:
             embedder = Embedder(load_model(checkpoint).model)
-            test_vectors[checkpoint] = embed_all(embedder, target.recordings), embed_all(embedder, base_test.recordings)
-        target_vectors, base_vectors = test_vectors[checkpoint]
+            vectors[checkpoint] = (embed_all(embedder, target.recordings),
+                                   {name: embed_all(embedder, test.recordings) for name, test in base_tests.items()})
+        target_vectors, base_vectors = vectors[checkpoint]
         if adaptation is not None:
-            target_vectors, base_vectors = adaptation.apply(target_vectors), adaptation.apply(base_vectors)
+            target_vectors = adaptation.apply(target_vectors)
+            base_vectors = {name: adaptation.apply(v) for name, v in base_vectors.items()}
         eer_value, interval, min_dcf = target.measure(target_vectors, args.bootstrap, args.seed)
-        base_eer, _, _ = base_test.measure(base_vectors, 0, args.seed)
-        row = Row(label, eer_value, interval, min_dcf, base_eer, seconds, note)
+        base_eers = {name: base_tests[name].measure(v, 0, args.seed)[0] for name, v in base_vectors.items()}
+        row = Row(label, eer_value, interval, min_dcf, base_eers, seconds, note, auto)
         rows.append(row)
         log(f"{label}: target EER {eer_value:.2%} [{interval[0]:.2%}, {interval[1]:.2%}]  minDCF {min_dcf:.3f}  "
-            f"base-domain EER {base_eer:.2%}  ({seconds:.0f} s)")
+            + "  ".join(f"{name} EER {value:.2%}" for name, value in base_eers.items()) + f"  ({seconds:.0f} s)")
         return row
-
-    def adapt(checkpoint: Path):
-        """A backend adaptation fitted, method auto, on the fine-tuning speakers' recordings."""
-        started = time.monotonic()
-        embedder = Embedder(load_model(checkpoint).model)
-        vectors = embed_all(embedder, target_train)
-        adaptation, reason = fit_adaptation(vectors, [r.speaker for r in target_train])
-        return adaptation, reason, time.monotonic() - started
 
     base_row = measure("(a) base as is", base, 0.0)
 
-    # What ``spkft train --recipe auto`` picks for this data: the same scan, less its validation speakers.
-    _, auto = resolve_recipe(load_config(None, {"data.train": str(manifest), "model.init": str(base),
-                                                "recipe": "auto", "run.seed": args.seed}))
-    runs: dict[str, Run] = {}
-    for name in RECIPE_NAMES:
-        log(f"fine-tuning with recipe {name}")
-        started = time.monotonic()
-        runs[name] = train({"data.train": str(manifest), "model.init": str(base), "recipe": name,
-                            "run.seed": args.seed, "run.average_last": AVERAGE_LAST}, CACHE / "runs" / name, log)
-        measure(f"(b) recipe {name}" + (" = auto" if name == auto.name else ""), runs[name].path / "best.ckpt",
-                time.monotonic() - started, note=f"epoch {runs[name].best_epoch} of {runs[name].epochs}")
+    # What ``spkft train --recipe auto`` picks for this data, without and with rehearsal data.
+    common = {"data.train": str(manifest), "model.init": str(base), "run.seed": args.seed}
+    picks = {hold: resolve_recipe(load_config(None, common | {"recipe": "auto"} | extra))[1]
+             for hold, extra in (("distillation", {}), ("rehearsal", {"data.rehearsal": str(rehearsal)}))}
+    extras = {"none": {"freeze.distill": 0.0}, "distillation": {}, "rehearsal": {"data.rehearsal": str(rehearsal)}}
+    runs: dict[tuple[str, str], Run] = {}
+    for name in recipes:
+        for hold in HOLDS:
+            log(f"fine-tuning with recipe {name}, holding the old domain by: {hold}")
+            started = time.monotonic()
+            run = train(common | {"recipe": name} | extras[hold], CACHE / "runs" / args.domain / f"{name}-{hold}", log)
+            runs[name, hold] = run
+            auto = next((("no rehearsal data" if h == "distillation" else "rehearsal data given")
+                         for h, pick in picks.items() if pick.name == name and h == hold), "")
+            measure(f"(b) {name}, {hold}" + (f" = auto ({auto})" if auto else ""), run.path / "best.ckpt",
+                    time.monotonic() - started, note=f"epoch {run.best_epoch} of {run.epochs}", auto=auto)
 
-    best_name = min(RECIPE_NAMES, key=lambda n: next(r.target_eer for r in rows if r.label.startswith(f"(b) recipe {n}")))
-    average = runs[best_name].path / "average.ckpt"
-    if average.is_file():
-        measure(f"(b) recipe {best_name}, last {AVERAGE_LAST} epochs averaged", average, 0.0)
-
-    budget = runs[auto.name]
-    log(f"fresh network: recipe full from scratch, {budget.steps} steps as recipe {auto.name} took")
+    auto_name = picks["distillation"].name
+    budget = runs.get((auto_name, "distillation")) or next(iter(runs.values()))
+    log(f"fresh network: recipe full from scratch, {budget.steps} steps as the auto recipe took")
     started = time.monotonic()
+    base_args = load_model(base).checkpoint.get("config", {}).get("model", {}).get("args", {})
     fresh = train({"data.train": str(manifest), "recipe": "full", "model.variant": "eres2netv2",
-                   "model.args": {"m_channels": 8}, "run.seed": args.seed, "run.epochs": budget.epochs,
+                   "model.args": base_args, "run.seed": args.seed, "run.epochs": budget.epochs,
                    "run.steps_per_epoch": max(1, budget.steps // budget.epochs), "run.patience": None},
-                  CACHE / "runs" / "fresh", log)
-    measure("(c) fresh network, target speakers only", fresh.path / "best.ckpt", time.monotonic() - started,
-            note=f"epoch {fresh.best_epoch} of {fresh.epochs}")
+                  CACHE / "runs" / args.domain / "fresh", log)
+    fresh_row = measure("(c) fresh network, target speakers only", fresh.path / "best.ckpt",
+                        time.monotonic() - started, note=f"epoch {fresh.best_epoch} of {fresh.epochs}")
 
-    adaptation, reason, seconds = adapt(base)
-    measure(f"(d) base + {adaptation.method} adaptation", base, seconds, adaptation, note=reason)
-    adaptation, reason, seconds = adapt(runs[best_name].path / "best.ckpt")
-    measure(f"(e) recipe {best_name} + {adaptation.method} adaptation", runs[best_name].path / "best.ckpt",
-            seconds, adaptation, note=reason)
+    started = time.monotonic()
+    adaptation, reason = fit_adaptation(embed_all(Embedder(load_model(base).model), target_train),
+                                        [r.speaker for r in target_train])
+    measure(f"(d) base + {adaptation.method} adaptation", base, time.monotonic() - started, adaptation, note=reason)
 
     log("")
-    log(f"auto: {auto.line()}")
+    for hold, pick in picks.items():
+        log(f"auto ({'no rehearsal data' if hold == 'distillation' else 'rehearsal data given'}): {pick.line()}")
     print_table(rows, base_row)
-    best = min(rows[1:], key=lambda r: r.target_eer)
-    gain = 1 - best.target_eer / base_row.target_eer
-    forgetting = best.base_eer / base_row.base_eer - 1
-    fresh_row = next(r for r in rows if r.label.startswith("(c)"))
     log("")
-    log(f"best: {best.label}: target EER {base_row.target_eer:.2%} -> {best.target_eer:.2%} "
-        f"({gain:.0%} lower; target >= {TARGET_RELATIVE_GAIN:.0%}: {'met' if gain >= TARGET_RELATIVE_GAIN else 'missed'})")
-    log(f"forgetting: base-domain EER {base_row.base_eer:.2%} -> {best.base_eer:.2%} ({forgetting:+.0%}; "
-        f"target <= +{MAX_FORGETTING:.0%}: {'met' if forgetting <= MAX_FORGETTING else 'missed'})")
-    best_b = min((r for r in rows if r.label.startswith("(b)")), key=lambda r: r.target_eer)
-    log(f"pretraining pays: best recipe {best_b.target_eer:.2%} vs fresh {fresh_row.target_eer:.2%}: "
-        f"{'met' if best_b.target_eer < fresh_row.target_eer else 'missed'}")
+    for row in (r for r in rows if r.auto):
+        gain = 1 - row.target_eer / base_row.target_eer
+        log(f"auto ({row.auto}): target EER {base_row.target_eer:.2%} -> {row.target_eer:.2%} ({gain:.0%} lower; "
+            f"target >= {TARGET_RELATIVE_GAIN:.0%}: {'met' if gain >= TARGET_RELATIVE_GAIN else 'missed'})")
+        for name, value in row.base_eers.items():
+            forgetting = value / base_row.base_eers[name] - 1
+            log(f"auto ({row.auto}): forgetting on {name}: EER {base_row.base_eers[name]:.2%} -> {value:.2%} "
+                f"({forgetting:+.0%}; target <= +{MAX_FORGETTING:.0%}: {'met' if forgetting <= MAX_FORGETTING else 'missed'})")
+        log(f"auto ({row.auto}): pretraining pays: {row.target_eer:.2%} vs fresh {fresh_row.target_eer:.2%}: "
+            f"{'met' if row.target_eer < fresh_row.target_eer else 'missed'}")
     log(f"whole run: {time.monotonic() - started_all:.0f} s")
     return 0
 
 
 def print_table(rows: list[Row], base: Row) -> None:
-    print("| model | target EER [95 % interval] | vs base | target minDCF | base-domain EER | vs base | time |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    names = list(base.base_eers)
+    print("| model | target EER [95 % interval] | vs base | target minDCF | "
+          + " | ".join(f"{name} EER | vs base" for name in names) + " | time |")
+    print("| --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in names) + " | --- |")
     for row in rows:
         note = f" ({row.note})" if row.note else ""
+        base_cells = " | ".join(f"{row.base_eers[n]:.2%} | {row.base_eers[n] / base.base_eers[n] - 1:+.0%}" for n in names)
         print(f"| {row.label}{note} | {row.target_eer:.2%} [{row.target_interval[0]:.1%}, {row.target_interval[1]:.1%}] "
-              f"| {row.target_eer / base.target_eer - 1:+.0%} | {row.target_min_dcf:.3f} | {row.base_eer:.2%} "
-              f"| {row.base_eer / base.base_eer - 1:+.0%} | {row.seconds:.0f} s |")
+              f"| {row.target_eer / base.target_eer - 1:+.0%} | {row.target_min_dcf:.3f} | {base_cells} "
+              f"| {row.seconds:.0f} s |")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ Targets (PASS/FAIL):
 - the server's throughput at concurrency 8 at least 3.5x sherpa-onnx's;
 - verification error: the EER of int8 within 2 % (relative) of fp32's on held-out speakers.
   Random weights say nothing of that, so it is measured on ``spkft_demo_base``, a small
-  ERes2NetV2 (m_channels 8) that spkft trained on 221 LibriSpeech speakers, on its run's own
-  validation trials (30 held-out speakers, 1,128 trials): calibrated on 300 crops of its
+  ERes2NetV2 (m_channels 8) that spkft trained on LibriSpeech and speechocean762 speakers, on its
+  run's own validation trials (30 held-out speakers): calibrated on 300 crops of its
   training recordings and searched for layers to keep in fp32, as ``spkft export --quantize int8``
   does by default, and forced through the export's check so that it can be measured whatever the
   result. (The random-weight twins above are fully quantized: their speed is that of int8 in every
@@ -394,7 +394,8 @@ def report_eers(eers: dict) -> None:
 
     fp32 = eers["fp32"]
     trials = fp32.target_trials + fp32.nontarget_trials
-    print(f"\n{DEMO_BASE} on its run's validation trials ({trials}, 30 held-out LibriSpeech speakers):")
+    print(f"\n{DEMO_BASE} on its run's validation trials ({trials}, 30 held-out speakers of LibriSpeech and "
+          "speechocean762):")
     print(f"{'precision':<18}{'EER %':>8}{'vs fp32':>20}{'minDCF':>9}{'EER threshold':>15}")
     for name, metrics in eers.items():
         print(f"{name:<18}{100 * metrics.eer:>8.2f}{relative(eer_increase(fp32.eer, metrics.eer)):>20}"

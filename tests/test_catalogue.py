@@ -221,9 +221,15 @@ def test_the_bundled_demo_base_needs_no_download_and_says_where_it_came_from(hom
     assert count_parameters(loaded.model) == entry.parameters
     # Its provenance travels in the file: what it was trained on, and that training helped.
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    assert "librispeech" in checkpoint["config"]["data"]["train"]
+    assert checkpoint["config"]["data"]["train"] == "configs/demo-base-sources.csv"
     assert checkpoint["best_eer"] < checkpoint["initial_eer"]
-    assert len(checkpoint["speakers"]) == 221
+    corpora = {speaker.split("/")[0] for speaker in checkpoint["speakers"]}
+    assert corpora == {"librispeech", "speechocean762"} and len(checkpoint["speakers"]) == 289
+    assert set(checkpoint["provenance"]["data"]) == corpora and "CC BY 4.0" in checkpoint["provenance"]["data"]["librispeech"]
+    # Measured on speakers held out of training and of picking the epoch, corpus by corpus.
+    for corpus in corpora:
+        figures = checkpoint["test_evaluation"][corpus]
+        assert 0 < figures["eer"] < 0.25 and figures["speakers"] >= 20
 
     listed = json.loads(spkft("models", "list", "--json").stdout)
     row = next(r for r in listed["models"] if r["name"] == DEMO_BASE)
