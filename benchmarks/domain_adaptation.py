@@ -32,7 +32,7 @@ EER on the new domain comes with a 95 % interval from a bootstrap over test reco
 base-domain columns show what each model does on the pretraining domain's held-out speakers: what
 was forgotten.
 
-    python benchmarks/domain_adaptation.py [--domain emodb|telephone] [--recipes full,...] [--base CKPT]
+    python benchmarks/domain_adaptation.py [--domain emodb|telephone] [--recipes full,...] [--holds none,...] [--base CKPT]
                                            [--seed 0] [--threads 2] [--bootstrap 200]
 """
 
@@ -271,6 +271,8 @@ def main() -> int:
                              "name its held-out speakers")
     parser.add_argument("--domain", choices=sorted(TARGET_TEST_SPEAKERS), default="emodb", help="the new domain")
     parser.add_argument("--recipes", default=",".join(RECIPE_NAMES), help="the recipes to run, comma-separated")
+    parser.add_argument("--holds", default=",".join(HOLDS),
+                        help="the ways of holding the old domain each recipe runs with, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, crops and initialisation")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the EER interval")
@@ -278,6 +280,9 @@ def main() -> int:
     recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
     if not recipes or any(name not in RECIPE_NAMES for name in recipes):
         parser.error(f"--recipes: choose among {', '.join(RECIPE_NAMES)}")
+    holds = [name.strip() for name in args.holds.split(",") if name.strip()]
+    if not holds or any(name not in HOLDS for name in holds):
+        parser.error(f"--holds: choose among {', '.join(HOLDS)}")
     if args.domain == "emodb" and not EMODB.is_file():
         print(f"shared data not found at {EMODB} (expected ../shared beside the checkout)", file=sys.stderr)
         return 2
@@ -340,7 +345,7 @@ def main() -> int:
     extras = {"none": {"freeze.distill": 0.0}, "distillation": {}, "rehearsal": {"data.rehearsal": str(rehearsal)}}
     runs: dict[tuple[str, str], Run] = {}
     for name in recipes:
-        for hold in HOLDS:
+        for hold in holds:
             log(f"fine-tuning with recipe {name}, holding the old domain by: {hold}")
             started = time.monotonic()
             run = train(common | {"recipe": name} | extras[hold], CACHE / "runs" / args.domain / f"{name}-{hold}", log)

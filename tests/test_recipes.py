@@ -103,7 +103,8 @@ def test_an_unknown_recipe_is_one_config_problem():
     (2, 0.5, True, "linear-probe"),      # small: too few speakers, however long each
     (3, 20.0, True, "linear-probe"),
     (300, 0.04, True, "linear-probe"),   # small: many speakers, a couple of minutes in all
-    (4, 0.05, True, "full"),             # medium: the benchmark's size
+    (4, 0.05, True, "linear-probe"),     # the benchmark's size: full forgot the old domain
+    (8, 0.05, True, "full"),             # medium
     (16, 0.5, True, "full"),
     (5000, 2000.0, True, "full"),        # large
     (2, 0.01, False, "full"),            # nothing pretrained to keep

@@ -3,6 +3,7 @@ the starting model's embeddings, and how recipes and ``auto`` choose between the
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -94,6 +95,18 @@ def test_rehearsed_speakers_are_extra_classes_of_the_head_in_every_batch(tmp_pat
     assert own == 6 and len(trainer.rehearsal_speakers) == 5
     assert all(s.startswith(REHEARSAL_PREFIX) for s in trainer.rehearsal_speakers)
     assert trainer.head.weight.shape[0] == own + 5
+    # Each rehearsed speaker's row starts at the starting model's embedding of the speaker, at the
+    # length of the user's randomly started rows.
+    from spkft.core.checkpoint import load_model
+    from spkft.core.embedding import Embedder
+    from spkft.core.evaluate import embed_recordings
+
+    lengths = trainer.head.weight.detach().norm(dim=1)
+    assert torch.allclose(lengths[own:], lengths[:own].mean(), rtol=1e-4)
+    first = [dataclasses.replace(r, stop_seconds=min(r.stop_seconds or 99.0, 4.0)) for r in trainer.rehearsed]
+    vectors = embed_recordings(Embedder(load_model(tiny_base).model), first)
+    for row, recording in zip(trainer.head.weight.detach()[own:], first):  # one recording per speaker here
+        assert torch.nn.functional.cosine_similarity(row, torch.from_numpy(vectors[recording.utt_id]), dim=0) > 0.999
     for features, labels in trainer.loader:
         assert features.shape[0] == 8
         assert int((labels >= own).sum()) == 2  # 25 % of 8

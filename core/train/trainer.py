@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +32,7 @@ from spkft.core.checkpoint import embedding_checkpoint, load_model, model_from_c
 from spkft.core.data import ScanReport, Split, make_trials, read_trials, scan, segment, split_sources
 from spkft.core.embedding import Embedder
 from spkft.core.errors import CheckpointError, SpkftError, first_line
-from spkft.core.evaluate import evaluate
+from spkft.core.evaluate import embed_recordings, evaluate
 from spkft.core.model import DEFAULT_VARIANT, build_model
 from spkft.core.records import Recording, Trial
 from spkft.core.report import write_report
@@ -56,6 +57,9 @@ from spkft.core.train.snapshots import EpochSnapshots
 ALL_ENCODER = ("stem", "layer1", "layer2", "layer3", "layer4", "layer3_ds", "fuse34", "seg_1")
 # The head's class names for rehearsed speakers: apart from the user's, whatever the two sources call them.
 REHEARSAL_PREFIX = "rehearsal:"
+# A rehearsed speaker's head row starts as the starting model's mean embedding of this many of its
+# recordings, each cut to at most this many seconds.
+IMPRINT_RECORDINGS, IMPRINT_SECONDS = 2, 4.0
 
 
 def split_data(config: TrainConfig) -> tuple[Split, dict[str, ScanReport]]:
@@ -193,7 +197,7 @@ class Trainer:
         if len(self.speakers) < 2:
             raise SpkftError(f"training needs at least 2 speakers, found {len(self.speakers)}")
         self.val_recordings, self.val_trials = validation_trials(cfg, split)
-        rehearsed = rehearsal_recordings(cfg)
+        rehearsed = self.rehearsed = rehearsal_recordings(cfg)
         self.rehearsal_speakers = sorted({r.speaker for r in rehearsed})
         labels = {s: i for i, s in enumerate(self.speakers + self.rehearsal_speakers)}
         self.dataset = CropDataset(list(split.train) + rehearsed, labels, cfg.augment, seed=cfg.run.seed)
@@ -223,6 +227,8 @@ class Trainer:
             self.model = build_model(self.variant, **cfg.model.args)
         self.head = AAMSoftmaxHead(self.model.config.embedding_size, self.dataset.num_classes,
                                    scale=cfg.head.scale, margin=0.0, label_smoothing=cfg.head.label_smoothing)
+        if self.rehearsed and cfg.model.init is not None and not self.resume:
+            self._imprint_rehearsal_classes()
         if cfg.head.stats_dropout > 0:
             p = cfg.head.stats_dropout
             self.model.seg_1.register_forward_pre_hook(lambda m, args: (F.dropout(args[0], p, m.training),))
@@ -239,6 +245,32 @@ class Trainer:
         if self.anchor is not None:
             self.anchor = [a.to(self.device) for a in self.anchor]
         self.classifier = _Classifier(self.model, self.head)
+
+    def _imprint_rehearsal_classes(self) -> None:
+        """Start each rehearsed speaker's head row at the pretrained model's mean embedding of the
+        speaker, at the length of the randomly started rows.
+
+        The pretrained model already tells these speakers apart; random rows would make their
+        crops' loss large at once and pull the encoder off what it knew before the rows settle.
+        """
+        chosen: dict[str, list[Recording]] = {}
+        for recording in self.rehearsed:
+            picked = chosen.setdefault(recording.speaker, [])
+            if len(picked) < IMPRINT_RECORDINGS:
+                stop = recording.start_seconds + IMPRINT_SECONDS
+                if recording.stop_seconds is not None:
+                    stop = min(stop, recording.stop_seconds)
+                picked.append(dataclasses.replace(recording, stop_seconds=stop))
+        recordings = [r for picked in chosen.values() for r in picked]
+        vectors = embed_recordings(Embedder(copy.deepcopy(self.model), self.device), recordings)
+        own = len(self.speakers)
+        classes = own + len(self.rehearsal_speakers)
+        with torch.no_grad():
+            length = self.head.weight[:own].norm(dim=1).mean()  # the user's speakers' rows
+            for index, speaker in enumerate(self.rehearsal_speakers, start=own):
+                mean = torch.from_numpy(np.mean([vectors[r.utt_id] for r in chosen[speaker]], axis=0))
+                row = F.normalize(mean.float(), dim=0) * length
+                self.head.weight[index::classes] = row  # the same speaker at every speed of speed perturbation
 
     @staticmethod
     def _frozen_copy(model: nn.Module) -> nn.Module:
