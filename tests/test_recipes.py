@@ -103,7 +103,7 @@ def test_an_unknown_recipe_is_one_config_problem():
     (2, 0.5, True, "linear-probe"),      # small: too few speakers, however long each
     (3, 20.0, True, "linear-probe"),
     (300, 0.04, True, "linear-probe"),   # small: many speakers, a couple of minutes in all
-    (4, 0.05, True, "linear-probe"),     # the benchmark's size: full forgot the old domain
+    (4, 0.05, True, "linear-probe"),     # the benchmark's size: without rehearsal, full forgot the old domain
     (8, 0.05, True, "full"),             # medium
     (16, 0.5, True, "full"),
     (5000, 2000.0, True, "full"),        # large
@@ -115,6 +115,14 @@ def test_auto_picks_by_the_size_of_the_training_data(speakers, hours, pretrained
     assert choice.name == expected and choice.auto
     assert choice.reason.startswith(f"{speakers} speakers, ")
     assert "\n" not in choice.line() and choice.line().startswith(f"recipe {expected} (auto): ")
+
+
+@pytest.mark.parametrize(("speakers", "expected"), [(3, "linear-probe"), (4, "full"), (8, "full")])
+def test_with_recordings_to_rehearse_auto_tunes_every_stage_from_fewer_speakers(speakers, expected):
+    # Rehearsal holds the old domain where distillation did not (benchmarks/domain_adaptation.py).
+    assert pick_recipe(DataSummary(speakers, speakers * 10, 0.5), True, rehearsal=True).name == expected
+    assert pick_recipe(DataSummary(speakers, speakers * 10, 0.5), True).name == ("full" if speakers >= 8 else
+                                                                                "linear-probe")
 
 
 def test_the_summary_counts_speakers_recordings_and_hours():

@@ -103,11 +103,13 @@ _FROM_SCRATCH: dict[str, Any] = {
 }
 
 # Where ``auto`` moves from linear-probe to full: training speakers and minutes of audio. Below
-# them there is too little to learn features from without forgetting the old domain: in
-# benchmarks/domain_adaptation.py (4 training speakers, 7 minutes) every stage adapting gave the
-# lowest target-domain EER but raised the base domain's by 21 % and 110 % (held or not), where the
-# embedding layer alone kept both within 11 %. Forgetting grows as the speakers get fewer.
+# them there is too little to learn features from without forgetting the old domain. Measured in
+# benchmarks/domain_adaptation.py (4 training speakers, 7 minutes): every stage adapting gave the
+# lowest target-domain EER; rehearsing the base's speakers kept both base corpora within 3 % of the
+# base, but distillation, or nothing, let their EER rise by 14-110 %, where the embedding layer
+# alone kept them within 11 %. So without rehearsal, every stage adapts only from 8 speakers.
 FULL_MIN_SPEAKERS = 8
+FULL_MIN_SPEAKERS_REHEARSED = 4
 FULL_MIN_HOURS = 0.05
 
 # Holding the old domain (benchmarks/domain_adaptation.py): the weight of the pull toward the
@@ -173,7 +175,7 @@ def pick_recipe(data: DataSummary, pretrained: bool, rehearsal: bool = False) ->
         return RecipeChoice("full", f"{size}, no pretrained model: every stage trains from scratch", True)
     hold = (f"{REHEARSAL_FRACTION:.0%} of every batch rehearsed from data.rehearsal" if rehearsal else
             "embeddings held toward the pretrained model's (no data.rehearsal to rehearse)")
-    if data.speakers < FULL_MIN_SPEAKERS or data.hours < FULL_MIN_HOURS:
+    if data.speakers < (FULL_MIN_SPEAKERS_REHEARSED if rehearsal else FULL_MIN_SPEAKERS) or data.hours < FULL_MIN_HOURS:
         return RecipeChoice("linear-probe", f"{size}: too little to retrain convolutions without memorising "
                             f"these speakers and forgetting others; only the embedding layer adapts, {hold}", True)
     return RecipeChoice("full", f"{size}: every stage adapts, {hold}", True)
