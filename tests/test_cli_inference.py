@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +150,15 @@ def test_an_embedder_never_returns_a_non_finite_embedding(tiny_checkpoint):
         next(embedder.model.parameters()).fill_(float("inf"))  # broken after loading, as a damaged export would be
     with pytest.raises(NonFiniteEmbeddingError, match="NaN or infinite embeddings"):
         embedder.embed_batch(features)
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(fsdd_dir, tiny_checkpoint):
+    files = [str(p) for p in sorted(fsdd_dir.glob("*.wav"))[:20]]
+    spkft = Path(sys.executable).with_name("spkft")
+    child = subprocess.Popen([str(spkft), "embed", *files, "--checkpoint", str(tiny_checkpoint)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ | {"SPKFT_DEBUG": ""})
+    first = child.stdout.readline()  # as `spkft embed ... | head -1` reads
+    child.stdout.close()
+    _, stderr = child.communicate(timeout=120)
+    assert first.startswith(b'{"path": ')
+    assert stderr == b"" and child.returncode == 141

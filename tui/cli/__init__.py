@@ -11,6 +11,8 @@ torchaudio or OpenVINO.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from difflib import get_close_matches
 from typing import Annotated, Any, NamedTuple
@@ -91,6 +93,11 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
+        except BrokenPipeError:
+            # The reader of a pipe stopped (spkft ... | head): it took all it wanted. Whatever is
+            # still buffered goes nowhere, and the exit status is a shell's for a closed pipe.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as exc:  # every other failure ends in one line, never a traceback
             if isinstance(ctx.obj, Settings) and ctx.obj.debug:
                 raise
