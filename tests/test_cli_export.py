@@ -116,7 +116,9 @@ def test_verify_with_the_model_uses_its_calibrated_threshold(exported, evaluated
     assert (given["threshold"], given["threshold_source"], given["accepted"]) == (-1.0, "option", True)
     # A checkpoint has no calibrated threshold: without --threshold there is only a score.
     plain = json.loads(run("verify", recordings[0], recordings[1], "-c", evaluated_checkpoint[0], "--json").stdout)
-    assert plain["threshold"] is None and plain["score"] == pytest.approx(payload["score"], abs=1e-5)
+    # The same score from PyTorch and the exported model, up to float32 rounding of two engines (the
+    # export's parity contract: cosine of at least 0.99999 between their embeddings).
+    assert plain["threshold"] is None and plain["score"] == pytest.approx(payload["score"], abs=5e-5)
 
 
 @pytest.mark.parametrize(
