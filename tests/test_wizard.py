@@ -138,7 +138,9 @@ def chosen(app: WizardApp, radio_set: str) -> str:
 
 
 async def choose_recipe(pilot: Pilot, name: str) -> None:
-    """Click a recipe on step 3, and let the widgets it changes (the preset) catch up."""
+    """Click a recipe on step 3 once the step's layout has settled (a click sent while the step still
+    lays out its fields can land beside the button), and let the widgets it changes catch up."""
+    await settle(pilot)
     await pilot.click(f"#recipe-{name}")
     await settle(pilot)
 
