@@ -151,8 +151,6 @@ def trial_set(recordings):
 def base_split(base: str):
     """The base's own split, remade from the config stored in its checkpoint: (the recordings it
     trained on, those it validated on, its held-out test recordings by corpus as trial sets)."""
-    import os
-
     from spkft.core.checkpoint import read_checkpoint
     from spkft.core.train import load_config
     from spkft.core.train.trainer import split_data
@@ -160,14 +158,11 @@ def base_split(base: str):
     stored = read_checkpoint(base).get("config")
     if not stored:
         raise SystemExit(f"{base}: the checkpoint holds no training config, so its held-out speakers are unknown")
-    config = load_config(None, {"data.train": stored["data"]["train"], "data.val_speakers": stored["data"]["val_speakers"],
+    # The config's paths are relative to the checkout, where configs/demo-base.yaml is run.
+    config = load_config(None, {"data.train": ROOT / stored["data"]["train"],
+                                "data.val_speakers": stored["data"]["val_speakers"],
                                 "data.test_speakers": stored["data"]["test_speakers"], "run.seed": stored["run"]["seed"]})
-    previous = os.getcwd()
-    os.chdir(ROOT)  # the config's paths are relative to the checkout, as configs/demo-base.yaml is run
-    try:
-        split, _ = split_data(config)
-    finally:
-        os.chdir(previous)
+    split, _ = split_data(config)
     if not split.test:
         raise SystemExit(f"{base}: its config held out no test speakers (data.test_speakers)")
     corpora: dict[str, list] = {}
