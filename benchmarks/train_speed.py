@@ -6,7 +6,7 @@ Everything is measured in this one run and reported as ratios, on the CPU, on re
   forward + backward + SGD step of the same model, head, batch and crop length on random
   features, at the same precision: the trainer's overhead;
 - the bare step in plain fp32, channels_last fp32, bf16 autocast and bf16 + channels_last, and
-  the trainer at its default precision (``run.precision: auto``, ``run.channels_last: true``);
+  the trainer at its default precision (``run.precision: auto``, ``run.channels_last: auto``, channels_last for this width);
 - the trainer with the ``early`` (stem, layer1, layer2) and ``encoder`` stages frozen;
 - the validation EER of two short runs of a small ERes2NetV2 (m_channels 8), identical but for
   the precision: fp32 and the default. They train on the six speakers of the spoken-digit set
@@ -187,7 +187,7 @@ def measure_speed(args) -> dict:
             trainer = Trainer(trainer_config(common | {"freeze.stages": freeze}, Path(tmp) / freeze))
             trainer.setup()
             name = "trainer default" if freeze == "none" else f"trainer default, freeze {freeze}"
-            cases[name] = {"precision": trainer.precision, "channels_last": trainer.config.run.channels_last,
+            cases[name] = {"precision": trainer.precision, "channels_last": trainer.channels_last,
                            "frozen": freeze}
             steppers[name] = TrainerSteps(trainer)
         frames = num_frames(int(args.crop_seconds * SAMPLE_RATE))

@@ -90,6 +90,18 @@ def test_frozen_stages_and_their_batchnorm_statistics_do_not_move(tmp_path, fsdd
     trainer.cleanup()
 
 
+def test_a_narrow_network_stays_contiguous_on_the_cpu_unless_asked(tmp_path, fsdd_lists):
+    for setting, expected in (("auto", False), (True, True)):
+        trainer = Trainer(config(tmp_path / str(setting), *fsdd_lists, **{"run.channels_last": setting}))
+        trainer.setup()
+        try:
+            weight = trainer.model.layer1[0].convs[0].weight  # 3x3 over several channels: the two layouts differ
+            assert trainer.channels_last is expected
+            assert weight.is_contiguous(memory_format=torch.channels_last if expected else torch.contiguous_format)
+        finally:
+            trainer.cleanup()
+
+
 def test_every_parameter_is_exactly_trainable_or_frozen():
     model = build_model("eres2netv2", m_channels=8)
     names = {n for n, _ in model.named_parameters()}

@@ -28,7 +28,7 @@ from spkft.core.train.config import FREEZE_PRESETS, STAGES, AugmentConfig
 from spkft.core.train.dataset import SPEEDS, CropDataset, EpochSampler
 from spkft.core.train.freeze import hold_frozen_batchnorm, stage_of, summarise
 from spkft.core.train.head import AAMSoftmaxHead
-from spkft.core.train.runtime import autocast, lr_factor, pick_precision
+from spkft.core.train.runtime import autocast, lr_factor, pick_channels_last, pick_precision
 
 RATE = 16000
 # Three LibriSpeech speakers, one 14-16 s utterance each: long enough for many distinct crops.
@@ -423,6 +423,14 @@ def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, has_bf16, expect
 def test_auto_precision_on_cuda_prefers_bf16(monkeypatch, bf16_supported, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
     assert pick_precision("auto", torch.device("cuda")) == expected
+
+
+@pytest.mark.parametrize("setting, device, m_channels, expected", [
+    ("auto", "cpu", 8, False), ("auto", "cpu", 32, False), ("auto", "cpu", 64, True), ("auto", "cuda", 8, True),
+    (True, "cpu", 8, True), (False, "cuda", 64, False),
+])
+def test_channels_last_auto_by_device_and_width(setting, device, m_channels, expected):
+    assert pick_channels_last(setting, torch.device(device), m_channels) is expected
 
 
 def test_autocast_lowers_matmuls_only_below_fp32():

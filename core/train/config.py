@@ -172,7 +172,10 @@ class RunConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on CPUs with BF16 and on CUDA, fp32 otherwise."
     )
-    channels_last: bool = Field(True, description="channels_last memory format for the convolutions.")
+    channels_last: Union[Literal["auto"], bool] = Field(
+        "auto", description="channels_last memory format for the convolutions; auto: on CUDA, and on the CPU for "
+                            "networks of m_channels 64 and up (narrower ones train slower in it)."
+    )
     num_workers: int = Field(
         1, ge=0, description="DataLoader worker processes; one keeps crop decoding and fbank off the training threads."
     )

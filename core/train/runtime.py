@@ -43,6 +43,21 @@ def pick_precision(name: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+# Narrowest network (``m_channels``) whose CPU training step runs faster in channels_last. Measured
+# (forward + backward, fp32, batch 8 x 3 s, 2 threads, AVX2 CPU): m_channels 8, 16 and 32 ran
+# 1.8x, 1.7x and 1.1x slower in it; the released width (64, w24s4ep4) 1.3x faster there and 1.5x
+# on an AVX-512 CPU.
+CHANNELS_LAST_CPU_MIN_CHANNELS = 64
+
+
+def pick_channels_last(setting: bool | str, device: torch.device, m_channels: int) -> bool:
+    """Whether the convolutions run in channels_last; ``auto``: on CUDA, and on the CPU for networks
+    at least :data:`CHANNELS_LAST_CPU_MIN_CHANNELS` wide."""
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cuda" or m_channels >= CHANNELS_LAST_CPU_MIN_CHANNELS
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()

@@ -51,7 +51,7 @@ from spkft.core.train.events import (
 from spkft.core.train.freeze import apply_freezing, hold_frozen_batchnorm, summarise
 from spkft.core.train.head import AAMSoftmaxHead
 from spkft.core.train.recipes import resolve_recipe
-from spkft.core.train.runtime import Distributed, autocast, lr_factor, pick_device, pick_precision
+from spkft.core.train.runtime import Distributed, autocast, lr_factor, pick_device, pick_channels_last, pick_precision
 from spkft.core.train.snapshots import EpochSnapshots
 
 ALL_ENCODER = ("stem", "layer1", "layer2", "layer3", "layer4", "layer3_ds", "fuse34", "seg_1")
@@ -237,7 +237,8 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.anchor = ([p.detach().clone() for p in self.trainable]
                        if cfg.freeze.l2_sp > 0 and cfg.model.init is not None else None)
-        memory_format = torch.channels_last if cfg.run.channels_last else torch.preserve_format
+        self.channels_last = pick_channels_last(cfg.run.channels_last, self.device, self.model.config.m_channels)
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.model.to(self.device, memory_format=memory_format)
         self.head.to(self.device)
         if self.teacher is not None:
