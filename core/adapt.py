@@ -1,8 +1,11 @@
-"""Fitting a checkpoint's backend adaptation on a data source and storing it in the checkpoint.
+"""Fitting a checkpoint's backend on a data source and storing it in the checkpoint.
 
-The recordings are embedded by the checkpoint's bare network, never through an adaptation it
-already carries, so fitting again replaces the earlier adaptation rather than stacking on it.
-The result is written atomically (a temporary file beside the output, renamed over it).
+A checkpoint carries at most one backend: an embedding adaptation (center, whiten, wccn; part of
+the embedding everywhere) or a PLDA scorer (the embedding unchanged, trials scored by its LLR).
+The recordings are embedded by the checkpoint's bare network, never through a backend it already
+carries, so fitting again replaces the earlier backend rather than stacking on it; a calibration
+and validation figures measured on the earlier scores are dropped with it. The result is written
+atomically (a temporary file beside the output, renamed over it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from spkft.core.embedding import Embedder, resolve_device
 from spkft.core.errors import CheckpointError, DataError
 from spkft.core.evaluate import Progress, embed_recordings
 from spkft.core.files import staged
+from spkft.core.plda import DEFAULT_LDA_DIM, Plda, adapt_plda, fit_plda, plda_shortfall
+
+# Checkpoint entries that describe scores of the backend being replaced.
+_STALE_WITH_BACKEND = ("adaptation", "plda", "calibration", "evaluation")
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,7 @@ class AdaptResult:
     reason: str
     output: Path
     report: ScanReport  # the scan of the data source, with any excluded rows
-    replaced: str | None  # the method of the adaptation the checkpoint carried before, if any
+    replaced: str | None  # the backend the checkpoint carried before (center, whiten, wccn or plda), if any
     dropped_evaluation: bool  # the checkpoint's validation figures, measured without adaptation, were removed
 
 
@@ -93,14 +100,103 @@ def adapt_checkpoint(
         reason=reason,
         output=output,
         report=report,
-        replaced=None if loaded.adaptation is None else loaded.adaptation.method,
+        replaced=_backend_of(loaded),
         dropped_evaluation=is_spkft and loaded.checkpoint.get("evaluation") is not None,
     )
 
 
+@dataclass(frozen=True)
+class PldaResult:
+    """What ``plda_checkpoint`` fitted (and adapted), on what, and where it wrote it."""
+
+    plda: Plda
+    output: Path
+    reports: dict[str, ScanReport]  # "data" and/or "adapt_data": the scans, with any excluded rows
+    replaced: str | None
+    dropped_evaluation: bool
+    dropped_calibration: bool
+
+
+def _backend_of(loaded: LoadedModel) -> str | None:
+    if loaded.plda is not None:
+        return "plda"
+    return None if loaded.adaptation is None else loaded.adaptation.method
+
+
+def _usable(report: ScanReport) -> ScanReport:
+    if not report.recordings:
+        first = f": e.g. {report.excluded[0].where}: {report.excluded[0].detail}" if report.excluded else ""
+        raise DataError(f"{report.source}: no usable recordings{first}")
+    return report
+
+
+def plda_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path | None,
+    adapt_data: str | Path | None = None,
+    output: str | Path | None = None,
+    lda_dim: int = DEFAULT_LDA_DIM,
+    device: str | torch.device = "cpu",
+    scan_progress: Progress | None = None,
+    embed_progress: Progress | None = None,
+) -> PldaResult:
+    """Fit a PLDA scorer on ``data``'s labelled recordings, adapt it to ``adapt_data``'s unlabelled
+    ones when given, and write the checkpoint. With no ``data``, the PLDA the checkpoint carries is
+    adapted; one already adapted is adapted further (its unadapted fit is not kept)."""
+    if data is None and adapt_data is None:
+        raise DataError("give --data (labelled recordings to fit the PLDA on), --adapt-data (unlabelled in-domain "
+                        "recordings to adapt it to), or both")
+    checkpoint = Path(checkpoint)
+    device = resolve_device(device)
+    loaded = load_model(checkpoint, device=device)
+    is_spkft = loaded.checkpoint.get("format") == SPKFT_FORMAT
+    if output is None and not is_spkft:
+        raise CheckpointError(f"{checkpoint} is a 3D-Speaker state_dict, which cannot hold a PLDA; "
+                              "give an output file for the spkft checkpoint")
+    if data is None and loaded.plda is None:
+        raise CheckpointError(f"{checkpoint} carries no PLDA to adapt; give --data to fit one")
+    output = Path(output) if output is not None else checkpoint
+    reports: dict[str, ScanReport] = {}
+    if data is not None:
+        reports["data"] = _usable(scan(data, progress=scan_progress))
+    if adapt_data is not None:
+        reports["adapt_data"] = _usable(scan(adapt_data, allow_unlabelled=True, progress=scan_progress))
+    if data is not None:
+        # Counts and labels decide whether PLDA can be fitted: fail before the slow part, not after it.
+        recordings = reports["data"].recordings
+        problem = plda_shortfall(len(recordings), [r.speaker for r in recordings])
+        if problem is not None:
+            raise DataError(f"{reports['data'].source}: cannot fit plda: {problem}")
+    embedder = Embedder(loaded.model, device)
+
+    def vectors(report: ScanReport) -> np.ndarray:
+        found = embed_recordings(embedder, report.recordings, embed_progress)
+        return np.stack([found[r.utt_id] for r in report.recordings])
+
+    if data is not None:
+        report = reports["data"]
+        plda = fit_plda(vectors(report), [r.speaker for r in report.recordings], lda_dim=lda_dim,
+                        source=report.source_label)
+    else:
+        plda = loaded.plda
+    if adapt_data is not None:
+        plda = adapt_plda(plda, vectors(reports["adapt_data"]), source=reports["adapt_data"].source_label)
+
+    if is_spkft:
+        kept = {k: v for k, v in loaded.checkpoint.items() if k not in _STALE_WITH_BACKEND}
+        stored = kept | {"plda": plda.to_dict()}
+    else:
+        stored = embedding_checkpoint(loaded.model, loaded.variant, plda=plda.to_dict())
+    with staged(output) as tmp:
+        torch.save(stored, tmp)
+    return PldaResult(plda=plda, output=output, reports=reports, replaced=_backend_of(loaded),
+                      dropped_evaluation=is_spkft and loaded.checkpoint.get("evaluation") is not None,
+                      dropped_calibration=loaded.calibration is not None)
+
+
 def _adapted_checkpoint(loaded: LoadedModel, adaptation: Adaptation) -> dict[str, Any]:
-    """The checkpoint as read, with ``adaptation`` in place of any earlier one and no stale evaluation."""
+    """The checkpoint as read, with ``adaptation`` in place of any earlier backend and no stale figures."""
     if loaded.checkpoint.get("format") != SPKFT_FORMAT:
         return embedding_checkpoint(loaded.model, loaded.variant, adaptation=adaptation.to_dict())
-    kept = {k: v for k, v in loaded.checkpoint.items() if k not in ("adaptation", "evaluation")}
+    kept = {k: v for k, v in loaded.checkpoint.items() if k not in _STALE_WITH_BACKEND}
     return kept | {"adaptation": adaptation.to_dict()}

@@ -7,7 +7,9 @@ never arbitrary pickled objects. Accepted layouts:
 - an spkft checkpoint: a dict with ``format == "spkft"``, the variant, the model arguments and the
   embedding-model weights under ``model`` (training adds head, optimiser and progress state;
   ``spkft adapt`` adds a backend adaptation under ``adaptation``, see
-  :meth:`~spkft.core.adaptation.Adaptation.to_dict`).
+  :meth:`~spkft.core.adaptation.Adaptation.to_dict`, or a PLDA scorer under ``plda``, see
+  :meth:`~spkft.core.plda.Plda.to_dict`; ``spkft calibrate`` adds ``calibration``, see
+  :meth:`~spkft.core.calibration.Calibration.to_dict`).
 
 When the caller names no variant, the architecture is read off the tensor shapes.
 """
@@ -24,9 +26,11 @@ from typing import Any, Mapping
 import torch
 
 from spkft.core.adaptation import AdaptedModel, Adaptation
+from spkft.core.calibration import Calibration
 from spkft.core.catalogue import CATALOGUE, resolve_checkpoint
 from spkft.core.errors import CheckpointError, first_line
 from spkft.core.model import VARIANTS, ERes2NetV2, ERes2NetV2Config, model_config
+from spkft.core.plda import Plda
 
 SPKFT_FORMAT = "spkft"
 SPKFT_FORMAT_VERSION = 1
@@ -48,6 +52,13 @@ class LoadedModel:
     config: ERes2NetV2Config
     checkpoint: dict[str, Any]  # the whole file as read (metadata of spkft checkpoints lives here)
     adaptation: Adaptation | None = None
+    plda: Plda | None = None  # the PLDA scorer it carries: trials are scored by its LLR, not the cosine
+    calibration: Calibration | None = None  # the map from its scores to calibrated LLRs
+
+    @property
+    def score_kind(self) -> str:
+        """What its scores are: ``plda`` log-likelihood ratios or ``cosine`` similarities."""
+        return "cosine" if self.plda is None else "plda"
 
     @property
     def inference_model(self) -> ERes2NetV2 | AdaptedModel:
@@ -250,8 +261,36 @@ def model_from_checkpoint(
         raise CheckpointError(f"{source}: does not fit ERes2NetV2 variant {variant!r} ({problem})")
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
+    plda, calibration = _scoring(source, checkpoint, config)
     return LoadedModel(model=model, variant=variant, config=config, checkpoint=checkpoint,
-                       adaptation=_adaptation(source, checkpoint, config))
+                       adaptation=_adaptation(source, checkpoint, config), plda=plda, calibration=calibration)
+
+
+def _scoring(path: str | Path, checkpoint: Mapping[str, Any], config: ERes2NetV2Config
+             ) -> tuple[Plda | None, Calibration | None]:
+    """The PLDA scorer and the calibration an spkft checkpoint carries, checked against the model."""
+    if checkpoint.get("format") != SPKFT_FORMAT:
+        return None, None
+    found = []
+    for key, kind in (("plda", Plda), ("calibration", Calibration)):
+        record = checkpoint.get(key)
+        if record is None:
+            found.append(None)
+            continue
+        if not isinstance(record, Mapping):
+            raise CheckpointError(f"{path}: malformed {key} record (a {type(record).__name__})")
+        try:
+            found.append(kind.from_dict(record))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    plda, calibration = found
+    if plda is not None and plda.input_dim != config.embedding_size:
+        raise CheckpointError(f"{path}: its PLDA is for {plda.input_dim}-dim embeddings; "
+                              f"the model makes {config.embedding_size}-dim ones")
+    if calibration is not None and calibration.scores != ("cosine" if plda is None else "plda"):
+        raise CheckpointError(f"{path}: its calibration maps {calibration.scores} scores, but the model is scored "
+                              f"by {'cosine' if plda is None else 'PLDA'}; calibrate it again (spkft calibrate)")
+    return plda, calibration
 
 
 def _adaptation(path: str | Path, checkpoint: Mapping[str, Any], config: ERes2NetV2Config) -> Adaptation | None:

@@ -44,6 +44,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from spkft.core.errors import EnrollmentError, StoreUnavailableError, UnknownSpeakerError
+from spkft.core.plda import Plda
 from spkft.core.scoring import l2_normalise
 
 MAX_SPEAKER_ID_LENGTH = 256
@@ -124,30 +125,40 @@ def check_store_info(info: dict[str, str], model: str, embedding_dim: int, locat
 
 
 class SpeakerIndex:
-    """Every speaker's normalised embedding, searched by cosine.
+    """Every speaker's normalised embedding, searched by cosine or, given a PLDA, by its LLR.
 
     Each embedding is held twice: in float16, for scores and :meth:`embedding`, and as int8
     codes with a scale per row (the largest magnitude maps to 127), for the scan. A search scans
     the int8 codes, a quarter of float32's bytes, with an int8 matrix product (``torch._int_mm``,
     VNNI on CPUs that have it) to find the best candidates, then scores those in float32 from
     their float16 rows.
+
+    With a PLDA, a speaker's LLR against a query ``q`` is ``w . u(q) + t + own(q)``
+    (:meth:`spkft.core.plda.Plda.enrolled_terms`): the codes hold each speaker's ``[w, t / c]``
+    and a query scans with ``[u(q), c]``, one matrix product as for cosines (``c`` keeps ``t``, a
+    sum over every dimension, on the scale of ``w``'s entries, so that int8 keeps both).
     """
 
-    def __init__(self, dim: int, capacity: int = 16) -> None:
+    def __init__(self, dim: int, capacity: int = 16, plda: Plda | None = None) -> None:
         self.dim = dim
+        self.plda = plda
         self._lock = threading.Lock()
         self._ids: list[str] = []
         self._rows: dict[str, int] = {}
         capacity = max(16, capacity)
         self._matrix = np.zeros((capacity, dim), dtype=np.float16)
-        self._codes = np.zeros((capacity, dim), dtype=np.int8)
+        # What the scan multiplies: the embedding itself, or the speaker's PLDA terms.
+        self._scan_dim = dim if plda is None else plda.dim + 1
+        self._term_scale = np.float32(1.0 if plda is None else np.sqrt(plda.dim))
+        self._codes = np.zeros((capacity, self._scan_dim), dtype=np.int8)
         self._scales = np.zeros(capacity, dtype=np.float32)
 
     @classmethod
-    def of(cls, dim: int, blocks: Iterator[StoredSpeakers], expected: int = 0) -> SpeakerIndex:
+    def of(cls, dim: int, blocks: Iterator[StoredSpeakers], expected: int = 0, plda: Plda | None = None
+           ) -> SpeakerIndex:
         """An index of the speakers in ``blocks``, each block normalised in one vectorised step,
         with room for ``expected`` speakers (grown by doubling if there are more)."""
-        index = cls(dim, expected + 16)
+        index = cls(dim, expected + 16, plda)
         n = 0
         # Reading a block and normalising the one before overlap: a worker thread does the NumPy
         # work, which releases the GIL, while this thread reads from the database.
@@ -189,7 +200,22 @@ class SpeakerIndex:
     def _set(self, rows, vectors: np.ndarray) -> None:
         """Write unit ``vectors`` (float32) into ``rows`` of every array."""
         self._matrix[rows] = vectors
-        self._codes[rows], self._scales[rows] = _quantised(vectors)
+        if self.plda is None:
+            self._codes[rows], self._scales[rows] = _quantised(vectors)
+            return
+        weights, terms = self.plda.enrolled_terms(np.atleast_2d(vectors))
+        scanned = np.concatenate([weights, (terms / self._term_scale)[:, None]], axis=1).astype(np.float32)
+        codes, scales = _quantised(scanned)
+        self._codes[rows], self._scales[rows] = (codes[0], scales[0]) if np.ndim(vectors) == 1 else (codes, scales)
+
+    def _scores(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """Exact scores of ``rows`` against the unit ``query``: cosines, or PLDA LLRs."""
+        enrolled = self._matrix[rows].astype(np.float32)
+        if self.plda is None:
+            return np.clip(enrolled @ query, -1.0, 1.0)
+        weights, terms = self.plda.enrolled_terms(enrolled)
+        projected, own = self.plda.query_terms(query)
+        return weights @ projected + terms + np.float32(own)
 
     def put(self, speaker_id: str, total: np.ndarray) -> None:
         """Set a speaker's embedding from its stored sum (adding the speaker when new)."""
@@ -229,7 +255,7 @@ class SpeakerIndex:
             return self._matrix[row].astype(np.float32)
 
     def identify(self, query: np.ndarray, top_k: int) -> list[SpeakerMatch]:
-        """The ``top_k`` speakers with the highest cosine to ``query``, best first."""
+        """The ``top_k`` speakers with the highest score (cosine, or PLDA LLR) for ``query``, best first."""
         query = l2_normalise(np.asarray(query, dtype=np.float32))
         with self._lock:
             n = len(self._ids)
@@ -239,14 +265,17 @@ class SpeakerIndex:
             # int8 scores find the candidates; more than asked absorb their rounding (about 1e-3).
             candidates = min(n, max(4 * k, k + 64))
             if candidates < n:
-                codes, _ = _quantised(query)  # one scale for every score: it does not change their order
+                scanned = query
+                if self.plda is not None:
+                    scanned = np.append(self.plda.query_terms(query)[0], self._term_scale).astype(np.float32)
+                codes, _ = _quantised(scanned)  # one scale for every score: it does not change their order
                 coarse = _scan(self._codes[:n], self._scales[:n], codes)
                 rows = torch.topk(coarse, candidates, sorted=False).indices.numpy()
             else:
                 rows = np.arange(n)
-            scores = self._matrix[rows].astype(np.float32) @ query
+            scores = self._scores(rows, query)
             order = np.argsort(-scores, kind="stable")[:k]
-            return [SpeakerMatch(self._ids[rows[i]], float(np.clip(scores[i], -1.0, 1.0))) for i in order]
+            return [SpeakerMatch(self._ids[rows[i]], float(scores[i])) for i in order]
 
 
 def _normalised32(sums: np.ndarray) -> np.ndarray:
@@ -475,21 +504,23 @@ class EnrollmentStore:
     committed state, whatever order writes from several replicas arrive in.
     """
 
-    def __init__(self, location: str | Path, model: str, embedding_dim: int) -> None:
-        """Open (or create) the store at ``location`` (a SQLite path or a ``postgresql://`` URL)."""
+    def __init__(self, location: str | Path, model: str, embedding_dim: int, plda: Plda | None = None) -> None:
+        """Open (or create) the store at ``location`` (a SQLite path or a ``postgresql://`` URL);
+        ``plda``: identify by its LLR rather than the cosine."""
         backend = open_backend(location)
         self.model = model
         self.embedding_dim = embedding_dim
+        self.plda = plda
         self.location = backend.location
         self._backend = backend
         self._refreshing = threading.Lock()  # one read-and-apply at a time (shared backends)
         try:
             backend.claim(model, embedding_dim)
-            self._index = SpeakerIndex(embedding_dim)
+            self._index = SpeakerIndex(embedding_dim, plda=plda)
             if backend.shared:
                 backend.follow(self._refresh, self._reload)  # loads every speaker once it listens for changes
             else:
-                self._index = SpeakerIndex.of(embedding_dim, backend.blocks(embedding_dim), backend.count())
+                self._index = SpeakerIndex.of(embedding_dim, backend.blocks(embedding_dim), backend.count(), plda)
         except BaseException:
             backend.close()
             raise
@@ -557,7 +588,7 @@ class EnrollmentStore:
         return self._index.embedding(speaker_id)
 
     def identify(self, embedding: np.ndarray, top_k: int = 1) -> list[SpeakerMatch]:
-        """The ``top_k`` enrolled speakers with the highest cosine score, best first."""
+        """The ``top_k`` enrolled speakers with the highest score (cosine, or the PLDA's LLR), best first."""
         if top_k < 1:
             raise EnrollmentError(f"top_k must be at least 1, got {top_k}")
         return self._index.identify(embedding, top_k)
@@ -595,7 +626,7 @@ class EnrollmentStore:
         """Read every speaker again (after the connection to the database was lost)."""
         with self._refreshing:
             self._index = SpeakerIndex.of(self.embedding_dim, self._backend.blocks(self.embedding_dim),
-                                          self._backend.count())
+                                          self._backend.count(), self.plda)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,12 @@ the dynamo exporter takes far longer for the same graph. The file's custom metad
   ``spkft_adaptation`` (``center``, ``whiten`` or ``wccn``), ``spkft_adaptation_recordings``,
   ``spkft_adaptation_speakers`` (when it was fitted with labels), ``spkft_adaptation_shrinkage``
   and ``spkft_adaptation_source``;
+- when the checkpoint carries a PLDA scorer (``spkft adapt --method plda``): ``spkft_plda`` (its
+  parameters as JSON, arrays in base64; :func:`spkft.core.plda.plda_to_json`) and
+  ``spkft_plda_description``; the server then scores Verify and Identify by its LLR;
+- when the checkpoint carries a calibration (``spkft calibrate``): ``spkft_calibration`` (JSON of
+  :meth:`spkft.core.calibration.Calibration.to_dict`); the server then answers with LLRs and
+  probabilities;
 - in an int8 file only (:mod:`spkft.core.quantize`): ``spkft_quantization`` (``int8``);
   ``spkft_eer``, ``spkft_min_dcf``, their thresholds, the thresholds at each false-accept rate and
   the trial counts as measured on the int8 model itself, and ``spkft_threshold`` its EER threshold
@@ -64,6 +70,7 @@ import torch
 
 from spkft.core import __version__
 from spkft.core.adaptation import Adaptation
+from spkft.core.calibration import Calibration
 from spkft.core.average import average_checkpoints
 from spkft.core.checkpoint import LoadedModel, load_model, model_from_checkpoint
 from spkft.core.embedding import Embedder, SpeakerEmbedder
@@ -72,11 +79,14 @@ from spkft.core.features import SAMPLE_RATE
 from spkft.core.files import sha256_of, staged
 from spkft.core.metrics import VerificationMetrics
 from spkft.core.model import MIN_FRAMES
+from spkft.core.plda import Plda, plda_to_json
 from spkft.core.onnx_model import (
+    CALIBRATION_KEY,
     INPUT_NAME,
     INT8_CHECK_KEY,
     INT8_SOURCE_KEY,
     OUTPUT_NAME,
+    PLDA_KEY,
     QUANTIZATION_KEY,
     THRESHOLD_KEY,
     VARIANT_KEY,
@@ -184,7 +194,7 @@ def export_onnx(
     data = quantization_data(loaded.checkpoint, int8) if quantize == "int8" else None
     model = loaded.inference_model
     metadata = onnx_metadata(loaded.variant, model.config.to_dict(), loaded.checkpoint, language, threshold,
-                             loaded.adaptation)
+                             loaded.adaptation, loaded.plda, loaded.calibration)
     proto = _trace(model, opset)
     onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto)
@@ -272,6 +282,10 @@ def export_3dspeaker(
     if loaded.adaptation is not None:
         left_out = (f"{checkpoint}'s {loaded.adaptation.method} adaptation is not in the 3D-Speaker format "
                     "(a bare state_dict): these weights embed without it; export --format onnx to keep it",)
+    for what, present in (("PLDA scorer", loaded.plda), ("calibration", loaded.calibration)):
+        if present is not None:
+            left_out += (f"{checkpoint}'s {what} has no place in the 3D-Speaker format (a bare state_dict); "
+                         "export --format onnx to keep it",)
     with staged(output) as tmp:
         torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
         parity = agreement(Embedder(model), Embedder(load_model(tmp).model))
@@ -292,6 +306,8 @@ def _load(checkpoint: str | Path | Sequence[str | Path], variant: str | None) ->
 def onnx_metadata(
     variant: str, model_args: dict[str, Any], checkpoint: dict[str, Any], language: str, threshold: float | None,
     adaptation: Adaptation | None = None,
+    plda: Plda | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, str]:
     """The ONNX custom metadata of the module docstring."""
     metadata = {
@@ -322,6 +338,10 @@ def onnx_metadata(
         }
         if adaptation.speakers is not None:
             metadata["spkft_adaptation_speakers"] = str(adaptation.speakers)
+    if plda is not None:
+        metadata |= {PLDA_KEY: plda_to_json(plda), "spkft_plda_description": plda.describe()}
+    if calibration is not None:
+        metadata[CALIBRATION_KEY] = json.dumps(calibration.to_dict(), sort_keys=True)
     return metadata
 
 

@@ -28,6 +28,8 @@ each take an infer request from a pool that grows to the number of calls ever in
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import queue
 from dataclasses import dataclass
@@ -40,10 +42,12 @@ import openvino as ov
 from openvino.frontend import FrontEndManager
 import torch
 
+from spkft.core.calibration import Calibration
 from spkft.core.embedding import SpeakerEmbedder
-from spkft.core.errors import ModelError, first_line
+from spkft.core.errors import CheckpointError, ModelError, first_line
 from spkft.core.features import FEATURE_DIM
 from spkft.core.files import sha256_of
+from spkft.core.plda import Plda, plda_from_json
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ QUANTIZATION_KEY = "spkft_quantization"  # "int8" in a quantized file
 INT8_CHECK_KEY = "spkft_int8_check"  # "passed", or "forced" when written despite a failed check
 INT8_SOURCE_KEY = "spkft_int8_source_sha256"  # of the fp32 file it was quantized from
 INT8_SUFFIX = ".int8.onnx"
+PLDA_KEY = "spkft_plda"  # the PLDA scorer, as JSON (spkft.core.plda.plda_to_json)
+CALIBRATION_KEY = "spkft_calibration"  # the score-to-LLR map, as JSON
 
 ENGINES = ("auto", "openvino", "onnxruntime")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -107,15 +113,16 @@ class OpenVinoEngine:
     def __init__(self, path: Path, threads: int | None, precision: str = "auto", parallel_calls: int = 1) -> None:
         self.path = path
         core = ov.Core()
-        if precision == "bf16" and not cpu_has_bf16(core):
-            raise ModelError("bf16 needs a CPU that computes bfloat16 natively (AVX512_BF16 or AMX); "
-                             "this one does not: use precision fp32")
         try:
             model = _read_onnx(path)
         except Exception as exc:  # OpenVINO raises untyped errors for unreadable graphs
             raise ModelError(f"{path}: OpenVINO cannot run this model ({first_line(exc)})") from None
         self.metadata = _openvino_metadata(model)
+        # What the file allows is said first (an int8 file runs in int8 only), then what the CPU allows.
         self.precision = _file_precision(path, self.metadata, precision, auto="bf16" if cpu_has_bf16(core) else "fp32")
+        if self.precision == "bf16" and not cpu_has_bf16(core):
+            raise ModelError("bf16 needs a CPU that computes bfloat16 natively (AVX512_BF16 or AMX); "
+                             "this one does not: use precision fp32")
         self.inputs = [_ov_port(p) for p in model.inputs]
         self.outputs = [_ov_port(p) for p in model.outputs]
         try:
@@ -285,6 +292,39 @@ class OnnxEmbedder(SpeakerEmbedder):
             return float(value)
         except ValueError:
             raise ModelError(f"{self.path}: metadata {THRESHOLD_KEY}={value!r} is not a number") from None
+
+    @functools.cached_property
+    def plda(self) -> Plda | None:
+        """The PLDA scorer stored at export, if any: trials are then scored by its LLR."""
+        text = self.metadata.get(PLDA_KEY)
+        if text is None:
+            return None
+        try:
+            plda = plda_from_json(text)
+        except CheckpointError as exc:
+            raise ModelError(f"{self.path}: metadata {PLDA_KEY}: {exc}") from None
+        if plda.input_dim != self.embedding_dim:
+            raise ModelError(f"{self.path}: its PLDA is for {plda.input_dim}-dim embeddings; the model makes "
+                             f"{self.embedding_dim}-dim ones")
+        return plda
+
+    @functools.cached_property
+    def calibration(self) -> Calibration | None:
+        """The map from scores to calibrated LLRs stored at export, if any."""
+        text = self.metadata.get(CALIBRATION_KEY)
+        if text is None:
+            return None
+        try:
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise CheckpointError("malformed calibration record (not a JSON object)")
+            calibration = Calibration.from_dict(record)
+        except (ValueError, CheckpointError) as exc:
+            raise ModelError(f"{self.path}: metadata {CALIBRATION_KEY}: {first_line(str(exc))}") from None
+        if calibration.scores != ("cosine" if self.plda is None else "plda"):
+            raise ModelError(f"{self.path}: its calibration maps {calibration.scores} scores, which the model "
+                             "does not give")
+        return calibration
 
     def _forward(self, features: torch.Tensor) -> np.ndarray:
         batch = np.ascontiguousarray(features.numpy(), dtype=np.float32)

@@ -98,11 +98,13 @@ def write_report(
     trials: Sequence[Trial],
     baseline: Baseline | None = None,
     label: str = "candidate",
+    extra: dict | None = None,
 ) -> ReportFiles:
     """Write the report folder for ``result`` (measured on ``scores``), creating it if needed.
 
     ``scores`` and ``labels`` are in the order of ``trials``, whose labels they must agree with;
     with a ``baseline`` the DET plot shows both curves and ``metrics.json`` the comparison.
+    ``extra`` adds entries to ``metrics.json`` (what the scores are, calibration measures).
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
@@ -125,7 +127,7 @@ def write_report(
         score_plot=directory / "scores.png",
     )
 
-    record = result.to_dict()
+    record = result.to_dict() | (extra or {})
     if baseline is not None:
         record["baseline"] = baseline.metrics.to_dict()
         record["comparison"] = compare_metrics(baseline.metrics, result, baseline.intervals)

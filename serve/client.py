@@ -90,11 +90,13 @@ class SpeakerClient:
         reference: AudioInput | None = None,
         speaker_id: str | None = None,
         threshold: float | None = None,
+        p_target: float | None = None,
     ) -> pb.VerifyResponse:
-        """Score ``test`` against a ``reference`` recording or an enrolled ``speaker_id`` (exactly one)."""
+        """Score ``test`` against a ``reference`` recording or an enrolled ``speaker_id`` (exactly one);
+        ``p_target``: the prior of a calibrated model's probability and decision (default: the server's)."""
         if (reference is None) == (speaker_id is None):
             raise ValueError("give exactly one of reference and speaker_id")
-        request = pb.VerifyRequest(test_audio=to_audio(test), threshold=threshold)
+        request = pb.VerifyRequest(test_audio=to_audio(test), threshold=threshold, p_target=p_target)
         if speaker_id is not None:
             request.speaker_id = speaker_id
         else:

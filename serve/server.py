@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import signal
 import ssl
@@ -54,7 +55,14 @@ from spkft.serve.admission import PROBE_THREADS, REFUSAL_THREADS, Admission, Cal
 from spkft.serve.auth import BearerTokenInterceptor
 from spkft.serve.batching import BatchedEmbedder, Batcher
 from spkft.serve.metrics import CallObserver, Metrics
-from spkft.serve.service import MAX_SAMPLES_PER_SECOND, SERVICE_NAME, ServedModel, SpeakerService, add_to_server
+from spkft.serve.service import (
+    DEFAULT_P_TARGET,
+    MAX_SAMPLES_PER_SECOND,
+    SERVICE_NAME,
+    ServedModel,
+    SpeakerService,
+    add_to_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,10 @@ class ServerConfig:
     max_recordings: int = 32  # per EnrollSpeaker call
     max_call_seconds: float | None = None  # audio in one call, all recordings together; 5 x max_audio_seconds
     threshold: float | None = None
+    # A calibrated model decides at the Bayes threshold of this prior and these costs.
+    p_target: float = DEFAULT_P_TARGET
+    c_miss: float = 1.0
+    c_fa: float = 1.0
     engine: str = "auto"
     precision: str = "auto"
     threads: int | None = None
@@ -111,8 +123,13 @@ class ServerConfig:
             problems.append("the auth token is empty: give a token, or leave --auth-token out to serve without one")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
-        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
-            problems.append(f"the threshold must be in [-1, 1], got {self.threshold}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            problems.append(f"the threshold must be a finite number, got {self.threshold}")
+        if not (math.isfinite(self.p_target) and 0.0 < self.p_target < 1.0):
+            problems.append(f"the prior of a same-speaker trial must lie strictly between 0 and 1, got {self.p_target}")
+        for name, value in (("miss", self.c_miss), ("false alarm", self.c_fa)):
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"the cost of a {name} must be a positive number, got {value}")
         if self.max_audio_seconds <= 0:
             problems.append(f"the audio limit must be positive, got {self.max_audio_seconds} s")
         if self.max_call_seconds is not None and self.max_call_seconds < self.max_audio_seconds:
@@ -246,7 +263,10 @@ class SpeakerServer:
             model = OnnxEmbedder.from_file(config.model, threads=threads, engine=config.engine,
                                            precision=config.precision, parallel_calls=config.workers)
         # Tied to the file that runs: an int8 twin's embeddings are not the fp32 model's.
-        store = EnrollmentStore(config.enroll_db, _fingerprint(model.path), model.embedding_dim)
+        if config.threshold is not None and model.plda is None and not -1.0 <= config.threshold <= 1.0:
+            raise ServerError(f"the threshold must be in [-1, 1] for {config.model}'s cosine scores, "
+                              f"got {config.threshold}")
+        store = EnrollmentStore(config.enroll_db, _fingerprint(model.path), model.embedding_dim, model.plda)
         store.on_reachability(self._store_reachable)
         default_threshold = model.default_threshold if config.threshold is None else config.threshold
         self._batcher = Batcher(
@@ -260,7 +280,9 @@ class SpeakerServer:
         self._store = store
         self.service.serve(ServedModel(BatchedEmbedder(model, self._batcher), store, config.model.stem,
                                        dict(model.metadata), default_threshold, model.engine.name,
-                                       model.engine.precision))
+                                       model.engine.precision, plda=model.plda, calibration=model.calibration,
+                                       explicit_threshold=config.threshold is not None, p_target=config.p_target,
+                                       c_miss=config.c_miss, c_fa=config.c_fa))
         if self.metrics is not None:
             self.metrics.model.info({"model": config.model.stem, "engine": model.engine.name,
                                      "precision": model.engine.precision, "enrollment_store": store.kind})

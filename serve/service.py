@@ -25,10 +25,12 @@ import torch
 from google.protobuf.message import DecodeError
 
 from spkft.core.audio import Waveform, decode_pcm, load_audio
+from spkft.core.calibration import Calibration, bayes_threshold, probability
 from spkft.core.embedding import Embedding, SpeakerEmbedder
 from spkft.core.enrollment import EnrollmentStore, check_speaker_id
 from spkft.core.errors import AudioError, EnrollmentError, InputTooShortError, StoreUnavailableError, UnknownSpeakerError
 from spkft.core.features import SAMPLE_RATE, fbank
+from spkft.core.plda import Plda
 from spkft.serve.batching import BatcherClosedError, QueueFullError
 from spkft.serve.metrics import note_audio
 from spkft.serve.v1 import speaker_service_pb2 as pb
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeakerService"].full_name
 MAX_TOP_K = 1000
+# The prior of a same-speaker trial a Verify request gets unless it or the server sets another:
+# the operating point NIST's speaker recognition evaluations and spkft eval's minDCF use.
+DEFAULT_P_TARGET = 0.01
 DEFAULT_PAGE_SIZE = 1000  # ListSpeakers
 MAX_PAGE_SIZE = 10_000
 # A request's audio is at most 48 kHz stereo: samples (frames times channels) per second of it.
@@ -112,6 +117,22 @@ class ServedModel:
     default_threshold: float | None
     engine: str  # what runs the network, and in what precision (GetModelInfo reports both)
     precision: str
+    plda: Plda | None = None  # scores are its LLRs instead of cosines
+    calibration: Calibration | None = None  # maps scores to calibrated LLRs
+    explicit_threshold: bool = False  # default_threshold was the server's --threshold (it wins over Bayes decisions)
+    p_target: float = DEFAULT_P_TARGET  # the server's prior of a same-speaker trial
+    c_miss: float = 1.0
+    c_fa: float = 1.0
+
+    @property
+    def scoring(self) -> str:
+        return "cosine" if self.plda is None else "plda"
+
+    def score(self, claimed: np.ndarray, test: np.ndarray) -> float:
+        """The trial's score: the cosine of the two unit embeddings, or the PLDA's LLR."""
+        if self.plda is None:
+            return float(np.clip(np.dot(claimed, test), -1.0, 1.0))
+        return float(self.plda.llr(claimed[None, :], test[None, :])[0])
 
 
 class SpeakerService(pb_grpc.SpeakerServiceServicer):
@@ -169,19 +190,32 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
 
     @_rpc
     def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
+        model = self.model
         threshold = self._threshold(request)  # checked before any audio is decoded
+        p_target = self._p_target(request)
         reference = request.WhichOneof("reference")
         if reference is None:
             raise InvalidRequestError("set reference_audio or speaker_id")
+        reference_seconds = None  # an enrolled speaker: its length is not kept, and counts as the longer side
         if reference == "speaker_id":
-            claimed = self.model.store.embedding(check_speaker_id(request.speaker_id))
+            claimed = model.store.embedding(check_speaker_id(request.speaker_id))
         else:
-            claimed = self._embed(request.reference_audio, "reference_audio", context).vector
-        test = self._embed(_required(request, "test_audio"), "test_audio", context).vector
-        score = float(np.clip(np.dot(claimed, test), -1.0, 1.0))
-        if threshold is None:  # no threshold anywhere: the score is the answer
-            return pb.VerifyResponse(score=score)
-        return pb.VerifyResponse(score=score, threshold=threshold, accepted=score >= threshold)
+            embedded = self._embed(request.reference_audio, "reference_audio", context)
+            claimed, reference_seconds = embedded.vector, embedded.duration_seconds
+        test = self._embed(_required(request, "test_audio"), "test_audio", context)
+        score = model.score(claimed, test.vector)
+        response = pb.VerifyResponse(score=score)
+        if model.calibration is not None:
+            llr = float(model.calibration.llr(score, reference_seconds, test.duration_seconds))
+            response.llr, response.probability = llr, float(probability(llr, p_target))
+            # A score threshold the request or the operator gave wins; else a calibrated model decides by Bayes.
+            if not request.HasField("threshold") and not model.explicit_threshold:
+                llr_threshold = bayes_threshold(p_target, model.c_miss, model.c_fa)
+                response.llr_threshold, response.accepted = llr_threshold, llr >= llr_threshold
+                return response
+        if threshold is not None:
+            response.threshold, response.accepted = threshold, score >= threshold
+        return response
 
     @_rpc
     def EnrollSpeaker(self, request: pb.EnrollSpeakerRequest, context) -> pb.EnrollSpeakerResponse:
@@ -217,7 +251,13 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
             raise InvalidRequestError(f"top_k must be between 0 and {MAX_TOP_K} (0 means 1), got {request.top_k}")
         embedding = self._embed(_required(request, "audio"), "audio", context)
         matches = self.model.store.identify(embedding.vector, max(1, request.top_k))
-        return pb.IdentifyResponse(matches=[pb.SpeakerMatch(speaker_id=m.speaker_id, score=m.score) for m in matches])
+        calibration = self.model.calibration
+        if calibration is None:
+            return pb.IdentifyResponse(matches=[pb.SpeakerMatch(speaker_id=m.speaker_id, score=m.score)
+                                                for m in matches])
+        llrs = calibration.llr(np.array([m.score for m in matches]), None, embedding.duration_seconds)
+        return pb.IdentifyResponse(matches=[pb.SpeakerMatch(speaker_id=m.speaker_id, score=m.score, llr=float(llr))
+                                            for m, llr in zip(matches, np.atleast_1d(llrs))])
 
     @_rpc
     def ListSpeakers(self, request: pb.ListSpeakersRequest, context) -> pb.ListSpeakersResponse:
@@ -250,15 +290,28 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
             metadata=model.metadata,
             engine=model.engine,
             precision=model.precision,
+            scoring=model.scoring,
+            calibrated=model.calibration is not None,
+            p_target=model.p_target,
         )
 
     def _threshold(self, request: pb.VerifyRequest) -> float | None:
         """The request's threshold, else the server's default; None when neither exists."""
         if request.HasField("threshold"):
-            if not (math.isfinite(request.threshold) and -1.0 <= request.threshold <= 1.0):
-                raise InvalidRequestError(f"threshold must be in [-1, 1], got {request.threshold}")
+            if not math.isfinite(request.threshold):
+                raise InvalidRequestError(f"threshold must be a finite number, got {request.threshold}")
+            if self.model.plda is None and not -1.0 <= request.threshold <= 1.0:
+                raise InvalidRequestError(f"threshold must be in [-1, 1] for cosine scores, got {request.threshold}")
             return request.threshold
         return self.model.default_threshold
+
+    def _p_target(self, request: pb.VerifyRequest) -> float:
+        """The request's prior of a same-speaker trial, else the server's."""
+        if not request.HasField("p_target"):
+            return self.model.p_target
+        if not (math.isfinite(request.p_target) and 0.0 < request.p_target < 1.0):
+            raise InvalidRequestError(f"p_target must lie strictly between 0 and 1, got {request.p_target}")
+        return request.p_target
 
     def _embed(self, audio: pb.Audio, name: str, context: grpc.ServicerContext) -> Embedding:
         features, seconds = self._prepare(audio, name)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import soundfile as sf
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -180,3 +181,13 @@ def other_speaker(librispeech_dir) -> bytes:
 
     data, rate = sf.read(librispeech_dir / "1034-121119-0000.flac", dtype="float32")
     return wav_bytes(data[: 2 * rate], rate)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: the tiny model is so small that, on a busy two-core
+    machine, threads spend far longer waiting for each other than computing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

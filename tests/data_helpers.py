@@ -36,3 +36,10 @@ def write_closed_set(fsdd_dir: Path, root: Path, train_takes: int, val_takes: tu
     (root / "train.csv").write_text("\n".join(train) + "\n")
     (root / "val.csv").write_text("\n".join(val) + "\n")
     return root / "train.csv", root / "val.csv"
+
+
+def write_fsdd_list(path: Path, fsdd_dir: Path, speakers, digits, takes) -> Path:
+    """A CSV list (path, speaker) of the spoken-digit recordings of these speakers, digits and takes."""
+    rows = [f"{fsdd_dir / f'{d}_{s}_{t}.wav'},{s}" for s in speakers for d in digits for t in takes]
+    path.write_text("path,speaker\n" + "\n".join(rows) + "\n")
+    return path

@@ -26,14 +26,7 @@ COHORT_SPEAKERS = ("theo", "yweweler")
 REPORT_FILES = ("metrics.json", "scores.tsv", "det.png", "scores.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The tiny model is so small that, on a busy two-core machine, threads spend far longer
-    # waiting for each other than computing; one thread keeps these tests fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_list(path: Path, fsdd_dir: Path, speakers, digits) -> Path:

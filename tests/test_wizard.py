@@ -247,6 +247,11 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
         assert [c.header for c in table.columns] == ["metric", "starting model", "fine-tuned", "change"]
         assert table.columns[0]._cells[0] == "EER" and table.columns[2]._cells[0].endswith(" %")
         assert json.loads((tmp_path / "run" / "test-report" / "metrics.json").read_text())["comparison"]
+        # Calibrated on the validation speakers when their trials allow it, and said either way.
+        line = str(step(app).query_one("#calibration-line", Static).render())
+        assert line == comparison.calibration
+        assert line.startswith("Calibrated on the validation speakers" if comparison.calibrated else "Not calibrated: ")
+        assert ("calibration" in torch.load(tmp_path / "run" / "best.ckpt", weights_only=True)) == comparison.calibrated
         await next_step(pilot, 8)
 
         # 8 Export, serve, verify, copy the snippet.
@@ -260,6 +265,7 @@ async def test_the_whole_wizard_from_recordings_to_a_served_model(tmp_path, monk
         assert metadata["spkft_threshold_source"] == "eer"
         assert float(metadata["spkft_threshold"]) == pytest.approx(validation["eer_threshold"])
         assert float(metadata["spkft_threshold"]) != comparison.candidate.metrics.eer_threshold
+        assert ("spkft_calibration" in metadata) == comparison.calibrated
         step(app).query_one("#port").value = "0"
         await press(pilot, "#start-server")
         await settle(pilot)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$spkft/serve/v1/speaker_service.proto\x12\x08spkft.v1\"G\n\x05\x41udio\x12\x11\n\x07\x63ontent\x18\x01 \x01(\x0cH\x00\x12!\n\x03pcm\x18\x02 \x01(\x0b\x32\x12.spkft.v1.PcmAudioH\x00\x42\x08\n\x06source\"u\n\x08PcmAudio\x12\x0f\n\x07samples\x18\x01 \x01(\x0c\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12&\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x16.spkft.v1.SampleFormat\x12\x15\n\rchannel_count\x18\x04 \x01(\x05\".\n\x0c\x45mbedRequest\x12\x1e\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x0f.spkft.v1.Audio\"<\n\rEmbedResponse\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x01\"\xa9\x01\n\rVerifyRequest\x12*\n\x0freference_audio\x18\x01 \x01(\x0b\x32\x0f.spkft.v1.AudioH\x00\x12\x14\n\nspeaker_id\x18\x02 \x01(\tH\x00\x12#\n\ntest_audio\x18\x03 \x01(\x0b\x32\x0f.spkft.v1.Audio\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x0b\n\treferenceB\x0c\n\n_threshold\"i\n\x0eVerifyResponse\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x16\n\tthreshold\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_thresholdB\x0b\n\t_accepted\"K\n\x14\x45nrollSpeakerRequest\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\x1f\n\x06\x61udios\x18\x02 \x03(\x0b\x32\x0f.spkft.v1.Audio\"D\n\x15\x45nrollSpeakerResponse\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\x17\n\x0futterance_count\x18\x02 \x01(\x05\"@\n\x0fIdentifyRequest\x12\x1e\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x0f.spkft.v1.Audio\x12\r\n\x05top_k\x18\x02 \x01(\x05\";\n\x10IdentifyResponse\x12\'\n\x07matches\x18\x01 \x03(\x0b\x32\x16.spkft.v1.SpeakerMatch\"1\n\x0cSpeakerMatch\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"<\n\x13ListSpeakersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListSpeakersResponse\x12#\n\x08speakers\x18\x01 \x03(\x0b\x32\x11.spkft.v1.Speaker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x07Speaker\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\x17\n\x0futterance_count\x18\x02 \x01(\x05\"*\n\x14\x44\x65leteSpeakerRequest\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\"D\n\x15\x44\x65leteSpeakerResponse\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\x17\n\x0futterance_count\x18\x02 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xa6\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rembedding_dim\x18\x02 \x01(\x05\x12\x19\n\x11sample_rate_hertz\x18\x03 \x01(\x05\x12\x1e\n\x11\x64\x65\x66\x61ult_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12>\n\x08metadata\x18\x05 \x03(\x0b\x32,.spkft.v1.GetModelInfoResponse.MetadataEntry\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x14\n\x12_default_threshold*a\n\x0cSampleFormat\x12\x1d\n\x19SAMPLE_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13SAMPLE_FORMAT_INT16\x10\x01\x12\x19\n\x15SAMPLE_FORMAT_FLOAT32\x10\x02\x32\x8c\x04\n\x0eSpeakerService\x12\x38\n\x05\x45mbed\x12\x16.spkft.v1.EmbedRequest\x1a\x17.spkft.v1.EmbedResponse\x12;\n\x06Verify\x12\x17.spkft.v1.VerifyRequest\x1a\x18.spkft.v1.VerifyResponse\x12P\n\rEnrollSpeaker\x12\x1e.spkft.v1.EnrollSpeakerRequest\x1a\x1f.spkft.v1.EnrollSpeakerResponse\x12\x41\n\x08Identify\x12\x19.spkft.v1.IdentifyRequest\x1a\x1a.spkft.v1.IdentifyResponse\x12M\n\x0cListSpeakers\x12\x1d.spkft.v1.ListSpeakersRequest\x1a\x1e.spkft.v1.ListSpeakersResponse\x12P\n\rDeleteSpeaker\x12\x1e.spkft.v1.DeleteSpeakerRequest\x1a\x1f.spkft.v1.DeleteSpeakerResponse\x12M\n\x0cGetModelInfo\x12\x1d.spkft.v1.GetModelInfoRequest\x1a\x1e.spkft.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$spkft/serve/v1/speaker_service.proto\x12\x08spkft.v1\"G\n\x05\x41udio\x12\x11\n\x07\x63ontent\x18\x01 \x01(\x0cH\x00\x12!\n\x03pcm\x18\x02 \x01(\x0b\x32\x12.spkft.v1.PcmAudioH\x00\x42\x08\n\x06source\"u\n\x08PcmAudio\x12\x0f\n\x07samples\x18\x01 \x01(\x0c\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12&\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x16.spkft.v1.SampleFormat\x12\x15\n\rchannel_count\x18\x04 \x01(\x05\".\n\x0c\x45mbedRequest\x12\x1e\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x0f.spkft.v1.Audio\"<\n\rEmbedResponse\x12\x11\n\tembedding\x18\x01 \x03(\x02\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x01\"\xcd\x01\n\rVerifyRequest\x12*\n\x0freference_audio\x18\x01 \x01(\x0b\x32\x0f.spkft.v1.AudioH\x00\x12\x14\n\nspeaker_id\x18\x02 \x01(\tH\x00\x12#\n\ntest_audio\x18\x03 \x01(\x0b\x32\x0f.spkft.v1.Audio\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x15\n\x08p_target\x18\x05 \x01(\x02H\x02\x88\x01\x01\x42\x0b\n\treferenceB\x0c\n\n_thresholdB\x0b\n\t_p_target\"\xdb\x01\n\x0eVerifyResponse\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x16\n\tthreshold\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x10\n\x03llr\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x0bprobability\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x1a\n\rllr_threshold\x18\x06 \x01(\x02H\x04\x88\x01\x01\x42\x0c\n\n_thresholdB\x0b\n\t_acceptedB\x06\n\x04_llrB\x0e\n\x0c_probabilityB\x10\n\x0e_llr_threshold\"K\n\x14\x45nrollSpeakerRequest\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\x1f\n\x06\x61udios\x18\x02 \x03(\x0b\x32\x0f.spkft.v1.Audio\"D\n\x15\x45nrollSpeakerResponse\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\x17\n\x0futterance_count\x18\x02 \x01(\x05\"@\n\x0fIdentifyRequest\x12\x1e\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x0f.spkft.v1.Audio\x12\r\n\x05top_k\x18\x02 \x01(\x05\";\n\x10IdentifyResponse\x12\'\n\x07matches\x18\x01 \x03(\x0b\x32\x16.spkft.v1.SpeakerMatch\"K\n\x0cSpeakerMatch\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x03llr\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x06\n\x04_llr\"<\n\x13ListSpeakersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListSpeakersResponse\x12#\n\x08speakers\x18\x01 \x03(\x0b\x32\x11.spkft.v1.Speaker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x07Speaker\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\x17\n\x0futterance_count\x18\x02 \x01(\x05\"*\n\x14\x44\x65leteSpeakerRequest\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\"D\n\x15\x44\x65leteSpeakerResponse\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\x17\n\x0futterance_count\x18\x02 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xdd\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rembedding_dim\x18\x02 \x01(\x05\x12\x19\n\x11sample_rate_hertz\x18\x03 \x01(\x05\x12\x1e\n\x11\x64\x65\x66\x61ult_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12>\n\x08metadata\x18\x05 \x03(\x0b\x32,.spkft.v1.GetModelInfoResponse.MetadataEntry\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x0f\n\x07scoring\x18\x08 \x01(\t\x12\x12\n\ncalibrated\x18\t \x01(\x08\x12\x10\n\x08p_target\x18\n \x01(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x14\n\x12_default_threshold*a\n\x0cSampleFormat\x12\x1d\n\x19SAMPLE_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13SAMPLE_FORMAT_INT16\x10\x01\x12\x19\n\x15SAMPLE_FORMAT_FLOAT32\x10\x02\x32\x8c\x04\n\x0eSpeakerService\x12\x38\n\x05\x45mbed\x12\x16.spkft.v1.EmbedRequest\x1a\x17.spkft.v1.EmbedResponse\x12;\n\x06Verify\x12\x17.spkft.v1.VerifyRequest\x1a\x18.spkft.v1.VerifyResponse\x12P\n\rEnrollSpeaker\x12\x1e.spkft.v1.EnrollSpeakerRequest\x1a\x1f.spkft.v1.EnrollSpeakerResponse\x12\x41\n\x08Identify\x12\x19.spkft.v1.IdentifyRequest\x1a\x1a.spkft.v1.IdentifyResponse\x12M\n\x0cListSpeakers\x12\x1d.spkft.v1.ListSpeakersRequest\x1a\x1e.spkft.v1.ListSpeakersResponse\x12P\n\rDeleteSpeaker\x12\x1e.spkft.v1.DeleteSpeakerRequest\x1a\x1f.spkft.v1.DeleteSpeakerResponse\x12M\n\x0cGetModelInfo\x12\x1d.spkft.v1.GetModelInfoRequest\x1a\x1e.spkft.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETMODELINFORESPONSE_METADATAENTRY']._loaded_options = None
   _globals['_GETMODELINFORESPONSE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_SAMPLEFORMAT']._serialized_start=1594
-  _globals['_SAMPLEFORMAT']._serialized_end=1691
+  _globals['_SAMPLEFORMAT']._serialized_start=1826
+  _globals['_SAMPLEFORMAT']._serialized_end=1923
   _globals['_AUDIO']._serialized_start=50
   _globals['_AUDIO']._serialized_end=121
   _globals['_PCMAUDIO']._serialized_start=123
@@ -44,35 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDRESPONSE']._serialized_start=290
   _globals['_EMBEDRESPONSE']._serialized_end=350
   _globals['_VERIFYREQUEST']._serialized_start=353
-  _globals['_VERIFYREQUEST']._serialized_end=522
-  _globals['_VERIFYRESPONSE']._serialized_start=524
-  _globals['_VERIFYRESPONSE']._serialized_end=629
-  _globals['_ENROLLSPEAKERREQUEST']._serialized_start=631
-  _globals['_ENROLLSPEAKERREQUEST']._serialized_end=706
-  _globals['_ENROLLSPEAKERRESPONSE']._serialized_start=708
-  _globals['_ENROLLSPEAKERRESPONSE']._serialized_end=776
-  _globals['_IDENTIFYREQUEST']._serialized_start=778
-  _globals['_IDENTIFYREQUEST']._serialized_end=842
-  _globals['_IDENTIFYRESPONSE']._serialized_start=844
-  _globals['_IDENTIFYRESPONSE']._serialized_end=903
-  _globals['_SPEAKERMATCH']._serialized_start=905
-  _globals['_SPEAKERMATCH']._serialized_end=954
-  _globals['_LISTSPEAKERSREQUEST']._serialized_start=956
-  _globals['_LISTSPEAKERSREQUEST']._serialized_end=1016
-  _globals['_LISTSPEAKERSRESPONSE']._serialized_start=1018
-  _globals['_LISTSPEAKERSRESPONSE']._serialized_end=1102
-  _globals['_SPEAKER']._serialized_start=1104
-  _globals['_SPEAKER']._serialized_end=1158
-  _globals['_DELETESPEAKERREQUEST']._serialized_start=1160
-  _globals['_DELETESPEAKERREQUEST']._serialized_end=1202
-  _globals['_DELETESPEAKERRESPONSE']._serialized_start=1204
-  _globals['_DELETESPEAKERRESPONSE']._serialized_end=1272
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1274
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1295
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1298
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1592
-  _globals['_GETMODELINFORESPONSE_METADATAENTRY']._serialized_start=1523
-  _globals['_GETMODELINFORESPONSE_METADATAENTRY']._serialized_end=1570
-  _globals['_SPEAKERSERVICE']._serialized_start=1694
-  _globals['_SPEAKERSERVICE']._serialized_end=2218
+  _globals['_VERIFYREQUEST']._serialized_end=558
+  _globals['_VERIFYRESPONSE']._serialized_start=561
+  _globals['_VERIFYRESPONSE']._serialized_end=780
+  _globals['_ENROLLSPEAKERREQUEST']._serialized_start=782
+  _globals['_ENROLLSPEAKERREQUEST']._serialized_end=857
+  _globals['_ENROLLSPEAKERRESPONSE']._serialized_start=859
+  _globals['_ENROLLSPEAKERRESPONSE']._serialized_end=927
+  _globals['_IDENTIFYREQUEST']._serialized_start=929
+  _globals['_IDENTIFYREQUEST']._serialized_end=993
+  _globals['_IDENTIFYRESPONSE']._serialized_start=995
+  _globals['_IDENTIFYRESPONSE']._serialized_end=1054
+  _globals['_SPEAKERMATCH']._serialized_start=1056
+  _globals['_SPEAKERMATCH']._serialized_end=1131
+  _globals['_LISTSPEAKERSREQUEST']._serialized_start=1133
+  _globals['_LISTSPEAKERSREQUEST']._serialized_end=1193
+  _globals['_LISTSPEAKERSRESPONSE']._serialized_start=1195
+  _globals['_LISTSPEAKERSRESPONSE']._serialized_end=1279
+  _globals['_SPEAKER']._serialized_start=1281
+  _globals['_SPEAKER']._serialized_end=1335
+  _globals['_DELETESPEAKERREQUEST']._serialized_start=1337
+  _globals['_DELETESPEAKERREQUEST']._serialized_end=1379
+  _globals['_DELETESPEAKERRESPONSE']._serialized_start=1381
+  _globals['_DELETESPEAKERRESPONSE']._serialized_end=1449
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1451
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1472
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1475
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1824
+  _globals['_GETMODELINFORESPONSE_METADATAENTRY']._serialized_start=1755
+  _globals['_GETMODELINFORESPONSE_METADATAENTRY']._serialized_end=1802
+  _globals['_SPEAKERSERVICE']._serialized_start=1926
+  _globals['_SPEAKERSERVICE']._serialized_end=2450
 # @@protoc_insertion_point(module_scope)

@@ -51,26 +51,34 @@ class EmbedResponse(_message.Message):
     def __init__(self, embedding: _Optional[_Iterable[float]] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("reference_audio", "speaker_id", "test_audio", "threshold")
+    __slots__ = ("reference_audio", "speaker_id", "test_audio", "threshold", "p_target")
     REFERENCE_AUDIO_FIELD_NUMBER: _ClassVar[int]
     SPEAKER_ID_FIELD_NUMBER: _ClassVar[int]
     TEST_AUDIO_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    P_TARGET_FIELD_NUMBER: _ClassVar[int]
     reference_audio: Audio
     speaker_id: str
     test_audio: Audio
     threshold: float
-    def __init__(self, reference_audio: _Optional[_Union[Audio, _Mapping]] = ..., speaker_id: _Optional[str] = ..., test_audio: _Optional[_Union[Audio, _Mapping]] = ..., threshold: _Optional[float] = ...) -> None: ...
+    p_target: float
+    def __init__(self, reference_audio: _Optional[_Union[Audio, _Mapping]] = ..., speaker_id: _Optional[str] = ..., test_audio: _Optional[_Union[Audio, _Mapping]] = ..., threshold: _Optional[float] = ..., p_target: _Optional[float] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("score", "threshold", "accepted")
+    __slots__ = ("score", "threshold", "accepted", "llr", "probability", "llr_threshold")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    LLR_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    LLR_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     score: float
     threshold: float
     accepted: bool
-    def __init__(self, score: _Optional[float] = ..., threshold: _Optional[float] = ..., accepted: _Optional[bool] = ...) -> None: ...
+    llr: float
+    probability: float
+    llr_threshold: float
+    def __init__(self, score: _Optional[float] = ..., threshold: _Optional[float] = ..., accepted: _Optional[bool] = ..., llr: _Optional[float] = ..., probability: _Optional[float] = ..., llr_threshold: _Optional[float] = ...) -> None: ...
 
 class EnrollSpeakerRequest(_message.Message):
     __slots__ = ("speaker_id", "audios")
@@ -103,12 +111,14 @@ class IdentifyResponse(_message.Message):
     def __init__(self, matches: _Optional[_Iterable[_Union[SpeakerMatch, _Mapping]]] = ...) -> None: ...
 
 class SpeakerMatch(_message.Message):
-    __slots__ = ("speaker_id", "score")
+    __slots__ = ("speaker_id", "score", "llr")
     SPEAKER_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    LLR_FIELD_NUMBER: _ClassVar[int]
     speaker_id: str
     score: float
-    def __init__(self, speaker_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    llr: float
+    def __init__(self, speaker_id: _Optional[str] = ..., score: _Optional[float] = ..., llr: _Optional[float] = ...) -> None: ...
 
 class ListSpeakersRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
@@ -153,7 +163,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "embedding_dim", "sample_rate_hertz", "default_threshold", "metadata", "engine", "precision")
+    __slots__ = ("model_name", "embedding_dim", "sample_rate_hertz", "default_threshold", "metadata", "engine", "precision", "scoring", "calibrated", "p_target")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +178,9 @@ class GetModelInfoResponse(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    SCORING_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    P_TARGET_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     embedding_dim: int
     sample_rate_hertz: int
@@ -175,4 +188,7 @@ class GetModelInfoResponse(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     engine: str
     precision: str
-    def __init__(self, model_name: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., sample_rate_hertz: _Optional[int] = ..., default_threshold: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    scoring: str
+    calibrated: bool
+    p_target: float
+    def __init__(self, model_name: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., sample_rate_hertz: _Optional[int] = ..., default_threshold: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., scoring: _Optional[str] = ..., calibrated: _Optional[bool] = ..., p_target: _Optional[float] = ...) -> None: ...

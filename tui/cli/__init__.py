@@ -36,13 +36,14 @@ COMMANDS = {
     "train": Command("train", "Fine-tune ERes2NetV2 on labelled recordings, validating EER every epoch."),
     "eval": Command("evaluate", "Measure a checkpoint as a speaker verifier (EER, minDCF, thresholds) and write "
                                 "a report folder."),
-    "adapt": Command("adapt", "Fit a backend adaptation on in-domain recordings, with no retraining, and store "
-                              "it with the model."),
+    "adapt": Command("adapt", "Fit a backend on recordings, with no retraining, and store it with the model."),
+    "calibrate": Command("calibrate", "Fit the map from the model's scores to calibrated log-likelihood ratios and "
+                                      "store it with the model."),
     "export": Command("export", "Export a checkpoint and check the result against the PyTorch model before "
                                 "writing it."),
     "embed": Command("inference", "Print one JSON object per file: path, L2-normalised embedding and duration."),
-    "verify": Command("inference", "Cosine score of two recordings (and, with --threshold, the same-speaker "
-                                   "decision)."),
+    "verify": Command("inference", "Score two recordings (cosine, or PLDA LLR) and, with a threshold or a "
+                                   "calibration, decide."),
     "serve": Command("serve", "Serve speaker embedding, verification, enrollment and identification over gRPC "
                               "until SIGTERM."),
     "client": Command("client", "Call a running spkft server: embed, verify, enroll, identify and manage "

@@ -93,8 +93,14 @@ def verify(
         Optional[str], typer.Option("--speaker", help="Compare with this enrolled speaker instead of a REFERENCE file.")
     ] = None,
     threshold: Annotated[
-        Optional[float], typer.Option("--threshold", "-t", min=-1.0, max=1.0, show_default=False,
-                                      help="Accept at this score or above [default: the server's].")
+        Optional[float], typer.Option("--threshold", "-t", show_default=False,
+                                      help="Accept at this score or above (in [-1, 1] for cosine scores) "
+                                           "[default: the server's decision].")
+    ] = None,
+    p_target: Annotated[
+        Optional[float], typer.Option("--p-target", show_default=False,
+                                      help="Calibrated models: the prior of the same speaker for the probability "
+                                           "and the decision [default: the server's].")
     ] = None,
     server: ServerOption = DEFAULT_SERVER,
     auth_token: TokenOption = None,
@@ -107,12 +113,26 @@ def verify(
         raise typer.BadParameter("give either a REFERENCE file or --speaker, not both or neither")
     with _connect(server, auth_token, tls_ca, tls) as client:
         with _files_named({"test_audio": test, "reference_audio": reference}):
-            result = client.verify(test, reference=reference, speaker_id=speaker, threshold=threshold)
+            result = client.verify(test, reference=reference, speaker_id=speaker, threshold=threshold,
+                                   p_target=p_target)
     decided = result.HasField("accepted")
+    calibrated = result.HasField("llr")
+    by_llr = result.HasField("llr_threshold")
     if as_json:
-        _json({"test": str(test), "reference": str(reference) if reference else None, "speaker_id": speaker,
-               "score": round(result.score, 6), "threshold": round(result.threshold, 6) if decided else None,
-               "accepted": result.accepted if decided else None})
+        record = {"test": str(test), "reference": str(reference) if reference else None, "speaker_id": speaker,
+                  "score": round(result.score, 6),
+                  "threshold": round(result.threshold, 6) if result.HasField("threshold") else None,
+                  "accepted": result.accepted if decided else None}
+        if calibrated:
+            record |= {"llr": round(result.llr, 6), "probability": round(result.probability, 6),
+                       "llr_threshold": round(result.llr_threshold, 6) if by_llr else None}
+        _json(record)
+    elif calibrated:
+        verdict = ("same speaker" if result.accepted else "different speakers") if decided else "no decision"
+        rule = (f"LLR {'>=' if result.accepted else '<'} {result.llr_threshold:.2f} (the server's Bayes threshold)"
+                if by_llr else f"score {'>=' if result.accepted else '<'} threshold {result.threshold:.4f}")
+        typer.echo(f"score {result.score:.4f}, LLR {result.llr:.2f}, P(same speaker) {result.probability:.3f}; "
+                   f"{rule}: {verdict}")
     elif not decided:
         typer.echo(f"score {result.score:.4f} (no threshold: the server has none; give --threshold for a decision)")
     else:

@@ -19,7 +19,7 @@ from spkft.core.data import POOL_SEPARATOR, ScanReport, make_trials, read_trials
 from spkft.core.embedding import Embedder
 from spkft.core.errors import DataError
 from spkft.core.evaluate import Evaluation, evaluate
-from spkft.core.checkpoint import load_model
+from spkft.core.checkpoint import LoadedModel, load_model
 from spkft.core.metrics import VerificationMetrics, bootstrap_differences, compute_metrics
 from spkft.core.records import Recording, Trial
 from spkft.core.report import Baseline, compare_metrics, write_report
@@ -120,8 +120,8 @@ def _default_report_dir(checkpoint: Path, data: Path) -> Path:
 
 
 def _embedder(checkpoint: Path, variant: Optional[str], device: str, recordings: list[Recording],
-              feedback: Feedback) -> Embedder:
-    """The checkpoint's embedder; a note when it was trained on speakers of the evaluated data."""
+              feedback: Feedback) -> tuple[Embedder, LoadedModel]:
+    """The checkpoint's embedder and the checkpoint; a note when it was trained on speakers of the evaluated data."""
     loaded = load_model(checkpoint, variant=variant, device=device)
     trained = set(loaded.checkpoint.get("speakers") or ())
     # A model trained on a pool knows its speakers as corpus/speaker: the corpus read alone names them bare.
@@ -132,12 +132,25 @@ def _embedder(checkpoint: Path, variant: Optional[str], device: str, recordings:
         evaluated = len({r.speaker for r in recordings})
         feedback.note(f"warning: {checkpoint} was trained on {len(heard)} of the {evaluated} speakers evaluated "
                       f"({shown}): its figures flatter it; evaluate on speakers it has not been trained on")
-    return Embedder(loaded.inference_model, device)
+    return Embedder(loaded.inference_model, device), loaded
 
 
 def _adapted(embedder: Embedder) -> str:
     """`` (with its wccn adaptation)`` when the checkpoint carries one, else nothing."""
     return "" if embedder.adaptation is None else f" (with its {embedder.adaptation.method} adaptation)"
+
+
+def _calibration_table(evaluation: Evaluation) -> Table:
+    """Cllr against its minimum and actual against minimum DCF: what the model's calibration costs."""
+    measures = evaluation.calibration
+    table = Table(title=Text("calibrated LLRs"), title_justify="left")
+    table.add_column("measure")
+    table.add_column("actual", justify="right")
+    table.add_column("minimum", justify="right")
+    table.add_row("Cllr (bits)", f"{measures.cllr:.3f}", f"{measures.min_cllr:.3f}")
+    for p, value in measures.act_dcf.items():
+        table.add_row(f"DCF, p_target {p:g}", f"{value:.4f}", f"{measures.min_dcf[p]:.4f}")
+    return table
 
 
 def _check_p_target(value: float) -> float:
@@ -255,12 +268,19 @@ def eval_command(
             if cohort_speakers < 2:
                 raise DataError(f"{cohort}: an AS-norm cohort needs at least 2 speakers, found {cohort_speakers}")
         # Both models load before any embedding, so a bad baseline fails in seconds, not after a pass.
-        candidate_model = _embedder(checkpoint, variant, device, recordings, feedback)
-        baseline_model = None if baseline is None else _embedder(baseline, None, device, recordings, feedback)
+        candidate_model, candidate_loaded = _embedder(checkpoint, variant, device, recordings, feedback)
+        baseline_model, baseline_loaded = (None, None) if baseline is None else _embedder(
+            baseline, None, device, recordings, feedback)
+        for loaded, name in ((candidate_loaded, checkpoint), (baseline_loaded, baseline)):
+            if loaded is not None and loaded.plda is not None and cohort_recordings is not None:
+                raise DataError(f"{name} scores by PLDA, and AS-norm (--cohort) normalises cosine scores: "
+                                "evaluate without --cohort")
 
         def measure(embedder: Embedder, label: str) -> tuple[Evaluation, VerificationMetrics]:
+            loaded = candidate_loaded if embedder is candidate_model else baseline_loaded
             evaluation = evaluate(embedder, recordings, trials, cohort=cohort_recordings, top_k=top_k,
-                                  progress=feedback.track(f"embedding ({label})"))
+                                  progress=feedback.track(f"embedding ({label})"), plda=loaded.plda,
+                                  calibration=loaded.calibration)
             # evaluate() measures at the default costs; --p-target and --threshold apply here.
             return evaluation, compute_metrics(evaluation.scores, evaluation.labels, p_target=p_target,
                                                threshold=threshold)
@@ -274,9 +294,12 @@ def eval_command(
             reference = Baseline(before_metrics, before.scores, before.labels, intervals=intervals)
 
     directory = report_dir if report_dir is not None else _default_report_dir(checkpoint, data)
+    extra: dict[str, Any] = {"scores": candidate.score_kind}
+    if candidate.calibration is not None:
+        extra["calibration"] = candidate.calibration.to_dict()
     files = write_report(directory, metrics, candidate.scores, candidate.labels, candidate.trials,
-                         baseline=reference)
-    record: dict[str, Any] = metrics.to_dict()
+                         baseline=reference, extra=extra)
+    record: dict[str, Any] = metrics.to_dict() | extra
     if reference is not None:
         record["baseline"] = reference.metrics.to_dict()
         record["comparison"] = compare_metrics(reference.metrics, metrics, reference.intervals)
@@ -285,10 +308,12 @@ def eval_command(
         return
 
     console = Console(highlight=False)
-    scoring = "cosine scores"
+    scoring = "cosine scores" if candidate.score_kind == "cosine" else "PLDA log-likelihood ratios"
     if cohort_recordings is not None:
         scoring = f"AS-norm scores (top {min(top_k, cohort_speakers)} of {cohort_speakers} cohort speakers)"
     console.print(_metrics_table(metrics, Text(f"{checkpoint}{_adapted(candidate_model)} on {data}, {scoring}")))
+    if candidate.calibration is not None:
+        console.print(_calibration_table(candidate))
     if reference is not None:
         console.print(_comparison_table(record["comparison"]))
     console.print(f"report written to {files.directory}", markup=False, soft_wrap=True)

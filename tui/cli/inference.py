@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,11 +11,14 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from spkft.core.embedding import Embedder, SpeakerEmbedder, cosine_score
+from spkft.core.calibration import Calibration, bayes_threshold, probability
+from spkft.core.checkpoint import load_model
+from spkft.core.embedding import Embedder, SpeakerEmbedder, cosine_score, resolve_device
 from spkft.core.errors import AudioError
 from spkft.core.files import staged
 from spkft.core.model import VARIANTS
 from spkft.core.onnx_model import OnnxEmbedder
+from spkft.core.plda import Plda
 from spkft.tui.cli.models import fetch_released
 from spkft.tui.cli.output import compact_floats, score_against
 
@@ -106,6 +110,20 @@ def _embedder(checkpoint: Optional[Path], model: Optional[Path], variant: Option
     return OnnxEmbedder.from_file(model, engine=engine.value, precision=precision.value)
 
 
+def _scoring_embedder(checkpoint: Optional[Path], model: Optional[Path], variant: Optional[str], device: str,
+                      engine: Engine, precision: Precision) -> tuple[SpeakerEmbedder, Plda | None, Calibration | None]:
+    """The embedder, and the PLDA scorer and calibration the checkpoint or model carries."""
+    if checkpoint is not None and model is None:
+        check_variant(variant)
+        if (engine, precision) != (Engine.auto, Precision.auto):
+            raise typer.BadParameter("apply to --model only; a checkpoint runs in PyTorch (see --device)",
+                                     param_hint="--engine / --precision")
+        loaded = load_model(checkpoint, variant=variant, device=resolve_device(device))
+        return Embedder(loaded.inference_model, resolve_device(device)), loaded.plda, loaded.calibration
+    embedder = _embedder(checkpoint, model, variant, device, engine, precision)
+    return embedder, embedder.plda, embedder.calibration
+
+
 def embed(
     files: Annotated[list[Path], typer.Argument(help="Audio files (WAV, FLAC, OGG, MP3).", metavar="FILE...", show_default=False)],
     checkpoint: EitherCheckpointOption = None,
@@ -161,23 +179,61 @@ def verify(
     precision: PrecisionOption = Precision.auto,
     threshold: Annotated[
         Optional[float],
-        typer.Option("--threshold", "-t", min=-1.0, max=1.0,
-                     help="Accept as the same speaker when the score is at least this. With --model, the default "
-                          "is the threshold stored at export (the validation EER threshold, or export's "
-                          "--threshold), when the model has one."),
+        typer.Option("--threshold", "-t",
+                     help="Accept as the same speaker when the score is at least this (in [-1, 1] for cosine "
+                          "scores). Without it: a calibrated model decides at the Bayes threshold of --p-target; "
+                          "else, with --model, the threshold stored at export (the validation EER threshold, or "
+                          "export's --threshold), when the model has one."),
     ] = None,
+    p_target: Annotated[
+        float, typer.Option("--p-target", help="Calibrated models: the prior of the same speaker, for the "
+                                               "probability and the decision (equal costs).")
+    ] = 0.01,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Cosine score of two recordings (and, with --threshold, the same-speaker decision)."""
-    embedder = _embedder(checkpoint, model, variant, device, engine, precision)
+    """Score two recordings (cosine, or PLDA LLR) and, with a threshold or a calibration, decide."""
+    if not 0 < p_target < 1:
+        raise typer.BadParameter(f"must lie strictly between 0 and 1, got {p_target:g}", param_hint="--p-target")
+    embedder, plda, calibration = _scoring_embedder(checkpoint, model, variant, device, engine, precision)
+    if threshold is not None and (not math.isfinite(threshold) or (plda is None and not -1 <= threshold <= 1)):
+        raise typer.BadParameter(f"must be {'finite' if plda is not None else 'in [-1, 1] for cosine scores'}, "
+                                 f"got {threshold:g}", param_hint="--threshold")
     threshold_source = None if threshold is None else "option"
-    if threshold is None and isinstance(embedder, OnnxEmbedder) and embedder.default_threshold is not None:
+    if threshold is None and calibration is None and isinstance(embedder, OnnxEmbedder) \
+            and embedder.default_threshold is not None:
         threshold, threshold_source = embedder.default_threshold, "model"
-    score = cosine_score(embedder.embed(file_a).vector, embedder.embed(file_b).vector)
-    accepted = None if threshold is None else score >= threshold
+    first, second = embedder.embed(file_a), embedder.embed(file_b)
+    if plda is None:
+        score = cosine_score(first.vector, second.vector)
+    else:
+        score = float(plda.llr(first.vector[None, :], second.vector[None, :])[0])
+    llr = chance = llr_threshold = None
+    if calibration is not None:
+        llr = float(calibration.llr(score, first.duration_seconds, second.duration_seconds))
+        chance = float(probability(llr, p_target))
+        if threshold is None:
+            llr_threshold = bayes_threshold(p_target)
+    accepted = (llr >= llr_threshold if llr_threshold is not None else
+                None if threshold is None else score >= threshold)
     if as_json:
-        typer.echo(json.dumps({"file_a": str(file_a), "file_b": str(file_b), "score": round(score, 6),
-                               "threshold": threshold, "threshold_source": threshold_source, "accepted": accepted}))
+        record = {"file_a": str(file_a), "file_b": str(file_b), "scoring": "cosine" if plda is None else "plda",
+                  "score": round(score, 6), "threshold": threshold, "threshold_source": threshold_source,
+                  "accepted": accepted}
+        if llr is not None:
+            record |= {"llr": round(llr, 6), "probability": round(chance, 6), "p_target": p_target,
+                       "llr_threshold": llr_threshold}
+        typer.echo(json.dumps(record))
+        return
+    if llr is not None:
+        evidence = f"score {score:.4f}, LLR {llr:.2f}: P(same speaker) {chance:.3f} at prior {p_target:g}"
+        if llr_threshold is None:
+            shown, bar = score_against(score, threshold)
+            verdict = "same speaker" if accepted else "different speakers"
+            typer.echo(f"{evidence}; score {shown} {'>=' if accepted else '<'} threshold {bar}: {verdict}")
+        else:
+            verdict = "same speaker" if accepted else "different speakers"
+            typer.echo(f"{evidence}; LLR {'>=' if accepted else '<'} {llr_threshold:.2f} (the Bayes threshold at "
+                       f"that prior): {verdict}")
         return
     if threshold is None:
         typer.echo(f"score {score:.4f}")

@@ -12,6 +12,7 @@ import typer
 from spkft.core.enrollment import is_database_url
 from spkft.serve.metrics import JsonFormatter
 from spkft.serve.server import ServerConfig, SpeakerServer, run_until_signalled
+from spkft.serve.service import DEFAULT_P_TARGET
 from spkft.tui.cli.inference import Engine, EngineOption, Precision, PrecisionOption
 
 
@@ -55,9 +56,20 @@ def serve(
     ] = None,
     threshold: Annotated[
         Optional[float],
-        typer.Option("--threshold", min=-1.0, max=1.0, show_default=False,
-                     help="Verify's default threshold [default: the model's calibrated threshold]."),
+        typer.Option("--threshold", show_default=False,
+                     help="Verify's default score threshold, in [-1, 1] for cosine scores [default: a calibrated "
+                          "model's Bayes decision at --p-target, else the model's stored threshold]."),
     ] = None,
+    p_target: Annotated[
+        float, typer.Option("--p-target", help="Calibrated models: the prior of a same-speaker trial, for Verify's "
+                                               "probability and its Bayes decision (a request may give its own).")
+    ] = DEFAULT_P_TARGET,
+    c_miss: Annotated[
+        float, typer.Option("--c-miss", help="Calibrated models: the cost of rejecting the right speaker.")
+    ] = 1.0,
+    c_fa: Annotated[
+        float, typer.Option("--c-fa", help="Calibrated models: the cost of accepting the wrong speaker.")
+    ] = 1.0,
     engine: EngineOption = Engine.auto,
     precision: PrecisionOption = Precision.auto,
     threads: Annotated[
@@ -91,7 +103,8 @@ def serve(
     config = ServerConfig(
         model=model, host=host, port=port, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
         enroll_db=enroll_db, max_audio_seconds=max_audio_seconds, max_recordings=max_recordings,
-        max_call_seconds=max_call_seconds, threshold=threshold, engine=engine.value,
+        max_call_seconds=max_call_seconds, threshold=threshold, p_target=p_target, c_miss=c_miss, c_fa=c_fa,
+        engine=engine.value,
         precision=precision.value, threads=threads,
         workers=workers, handler_threads=handler_threads, max_queue=max_queue,
         grace_seconds=grace_seconds, metrics_port=metrics_port, access_log=log_format is LogFormat.json,

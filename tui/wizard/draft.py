@@ -115,6 +115,10 @@ class Comparison:
     candidate: Evaluation
     baseline: Baseline | None
     report_dir: Path
+    # The calibration fitted on the validation speakers and stored with the checkpoint, in words
+    # (what it costs on the test trials, the decision it makes), or why there is none.
+    calibration: str = ""
+    calibrated: bool = False
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.table import Table
@@ -12,8 +13,11 @@ from textual.message import Message
 from textual.widgets import Button, ProgressBar, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
+from spkft.core.calibrate import calibrate_checkpoint
+from spkft.core.calibration import bayes_threshold
 from spkft.core.data import Split, make_trials, read_trials, segment
 from spkft.core.embedding import Embedder
+from spkft.core.errors import SpkftError
 from spkft.core.evaluate import evaluate
 from spkft.core.metrics import VerificationMetrics, bootstrap_differences
 from spkft.core.report import Baseline, compare_metrics, write_report
@@ -25,6 +29,8 @@ from spkft.tui.wizard.plots import DetPlot, ScorePlot
 from spkft.tui.wizard.step import StepScreen
 
 CANDIDATE, BASELINE = "fine-tuned", "starting model"
+# The prior at which the calibrated decision is described (spkft serve's default --p-target).
+DECISION_PRIOR = 0.01
 
 
 class EvaluationProgress(Message):
@@ -34,6 +40,11 @@ class EvaluationProgress(Message):
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, EvaluationProgress)
+
+
+def decision_odds(p_target: float) -> str:
+    """``99:1``: the odds of the same speaker the evidence must reach for the Bayes decision at this prior."""
+    return f"{math.exp(bayes_threshold(p_target)):.3g}:1"
 
 
 def percent(value: float) -> str:
@@ -92,6 +103,7 @@ class EvaluateStep(StepScreen):
         with TabbedContent(id="results"):
             with TabPane("Figures", id="figures-tab"):
                 yield Static(id="metrics")
+                yield Static(id="calibration-line", markup=False)
                 yield Static(id="report-line", markup=False)
             with TabPane("DET curve", id="det-tab"):
                 yield DetPlot(id="det")
@@ -124,21 +136,41 @@ class EvaluateStep(StepScreen):
         split, _ = split_data(config)
         data = config.data
         held_out, which = (split.test, "test") if split.test else (split.val, "validation")
+        def generated(held: list) -> tuple[list, list]:
+            # As `spkft eval` does: segments give one-file speakers same-speaker trials, and the
+            # non-target trials are not tied to the targets' number, for the low-FAR thresholds.
+            cut = segment(held, data.segment_seconds)
+            return cut, make_trials(cut, seed=config.run.seed, max_target=data.max_trials // 2,
+                                    nontarget_per_target=None, max_nontarget=data.max_trials - data.max_trials // 2)
+
         if not split.test and data.trials is not None:
             recordings, trials = list(split.val), read_trials(data.trials)
         else:
-            # As `spkft eval` does: segments give one-file speakers same-speaker trials, and the
-            # non-target trials are not tied to the targets' number, for the low-FAR thresholds.
-            recordings = segment(held_out, data.segment_seconds)
-            trials = make_trials(recordings, seed=config.run.seed, max_target=data.max_trials // 2,
-                                 nontarget_per_target=None, max_nontarget=data.max_trials - data.max_trials // 2)
+            recordings, trials = generated(held_out)
         device = pick_device(config.run.device)
 
         def progress(label: str):
             return lambda done, total: self.post_message(EvaluationProgress(label, done, total))
 
+        # Calibrated on the validation speakers, and measured on the test speakers it never saw.
+        calibration, calibrated = ("Not calibrated: a calibration is checked on held-out test speakers, and this "
+                                   "run has none (set Test speakers on the Data step)."), None
+        if split.test:
+            try:
+                calibrated = calibrate_checkpoint(checkpoint, *generated(list(split.val)), device=device,
+                                                  source="validation speakers",
+                                                  progress=progress("fine-tuned model (calibrating)")).calibration
+            except SpkftError as exc:
+                calibration = f"Not calibrated: {exc}"
         candidate = evaluate(Embedder.from_checkpoint(checkpoint, device=device), recordings, trials,
-                             progress=progress(CANDIDATE))
+                             progress=progress(CANDIDATE), calibration=calibrated)
+        if candidate.calibration is not None:
+            measures = candidate.calibration
+            calibration = (f"Calibrated on the validation speakers (stored with the model): on the test trials "
+                           f"Cllr {measures.cllr:.3f} bits (min {measures.min_cllr:.3f}), actual DCF "
+                           f"{measures.act_dcf[DECISION_PRIOR]:.3f} at prior {DECISION_PRIOR:g} (min "
+                           f"{measures.min_dcf[DECISION_PRIOR]:.3f}). At that prior it accepts when the evidence "
+                           f"favours the same speaker at least {decision_odds(DECISION_PRIOR)}.")
         baseline = None
         if config.model.init is not None:
             before = evaluate(Embedder.from_checkpoint(config.model.init, device=device), recordings, trials,
@@ -153,7 +185,7 @@ class EvaluateStep(StepScreen):
                      f"{len(Split.speakers_of(held_out))} held-out {which} speakers")
         if which == "validation":
             described += " (they also chose the best epoch, so the figures flatter it a little)"
-        return Comparison(described, checkpoint, candidate, baseline, report_dir)
+        return Comparison(described, checkpoint, candidate, baseline, report_dir, calibration, calibrated is not None)
 
     def on_evaluation_progress(self, message: EvaluationProgress) -> None:
         self.query_one("#eval-line", Static).update(f"Embedding with the {message.label}…")
@@ -180,6 +212,9 @@ class EvaluateStep(StepScreen):
             line += f"; untrained, it scored {initial.val_eer:.2%} EER on validation." if initial else "."
         self.query_one("#eval-line", Static).update(line)
         self.query_one("#metrics", Static).update(metrics_table(comparison))
+        calibration_line = self.query_one("#calibration-line", Static)
+        calibration_line.display = bool(comparison.calibration)
+        calibration_line.update(comparison.calibration)
         self.query_one("#report-line", Static).update(
             f"Report (metrics.json, scores.tsv, det.png, scores.png): {comparison.report_dir}")
         candidate, baseline = comparison.candidate, comparison.baseline

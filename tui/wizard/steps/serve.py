@@ -20,6 +20,7 @@ from spkft.serve.server import ServerConfig, SpeakerServer, create_server
 from spkft.tui.cli.export import int8_comparison
 from spkft.tui.cli.output import score_against
 from spkft.tui.wizard.fields import PathInput
+from spkft.tui.wizard.steps.evaluate import DECISION_PRIOR, decision_odds
 from spkft.tui.wizard.step import StepScreen
 
 DEFAULT_PORT = 50051
@@ -41,7 +42,7 @@ def python_snippet(address: str, test: str, reference: str) -> str:
     return (f"from spkft.serve.client import SpeakerClient\n\n"
             f"with SpeakerClient({address!r}) as client:\n"
             f"    result = client.verify({test!r}, reference={reference!r})\n"
-            f"    print(result.score, result.threshold, result.accepted)\n")
+            f"    print(result.score, result.accepted, result.llr if result.HasField('llr') else None)\n")
 
 
 def stop_server(server: SpeakerServer) -> None:
@@ -113,8 +114,15 @@ class ServeStep(StepScreen):
 
     def on_mount(self) -> None:
         # Calibrated on the validation speakers, never on the test speakers whose figures step 7 reports.
-        self.query_one("#threshold", Static).update(
-            "Threshold: the validation speakers' EER threshold (test speakers only measure).")
+        evaluation = self.draft.evaluation
+        if evaluation is not None and evaluation.calibrated:
+            self.query_one("#threshold", Static).update(
+                f"Decisions: calibrated on the validation speakers. At a prior of {DECISION_PRIOR:g} (spkft serve "
+                f"--p-target; a request may give its own) it accepts when the evidence favours the same speaker "
+                f"at least {decision_odds(DECISION_PRIOR)}, and Verify answers the LLR and the probability.")
+        else:
+            self.query_one("#threshold", Static).update(
+                "Threshold: the validation speakers' EER threshold (test speakers only measure).")
         if self.draft.exported is not None:
             self.show_export(self.draft.exported)
         if self.draft.int8 is not None:
@@ -155,6 +163,9 @@ class ServeStep(StepScreen):
         with SpeakerClient(address) as client:
             result = client.verify(test, reference=reference)
         relation, verdict = (">=", "same speaker") if result.accepted else ("<", "different speakers")
+        if result.HasField("llr_threshold"):  # a calibrated model decides on its LLR
+            return (f"score {result.score:.4f}, LLR {result.llr:.2f} {relation} {result.llr_threshold:.2f}, "
+                    f"P(same speaker) {result.probability:.3f} at prior {DECISION_PRIOR:g}: {verdict}")
         shown, bar = score_against(result.score, result.threshold)
         return f"score {shown} {relation} threshold {bar}: {verdict}"
 
