@@ -27,13 +27,25 @@ One table, every row tested on the same trials:
   (b) the base fine-tuned with each recipe, each way; the rows ``auto`` picks are marked;
   (c) a fresh network trained on the target speakers alone with the same number of steps;
   (d) the base with a backend adaptation (``spkft adapt``, method auto) fitted on the 6
-      fine-tuning speakers' recordings, no retraining.
+      fine-tuning speakers' recordings, no retraining;
+  (e) weight-space interpolation (WiSE-FT): each recipe's run that held nothing, its weights
+      taken halfway back to the base's (the average of the two checkpoints);
+  (f) the base scored by PLDA (``spkft adapt --method plda``) fitted on the base domain's
+      training speakers (LibriSpeech's single recordings cut into 3 s segments);
+  (g) that PLDA adapted to the new domain with the fine-tuning speakers' recordings, their labels
+      unused (``--adapt-data``): the case of a user with a general corpus and unlabelled audio.
+Then calibration (``spkft calibrate``): the cosine of (d) and the adapted PLDA of (g), each mapped
+to LLRs on every pair of the fine-tuning speakers' recordings and measured on the test trials
+(Cllr against min Cllr, actual DCF against minDCF). ``--backends-only`` measures (a), (d), (f),
+(g) and calibration alone, in a few minutes. Rows (h) put the backend of (g) behind what ``auto``
+fine-tuned: a PLDA fitted on the fine-tuned model's embeddings of the base domain's speakers,
+adapted to the new domain's recordings without labels.
 EER on the new domain comes with a 95 % interval from a bootstrap over test recordings. The
 base-domain columns show what each model does on the pretraining domain's held-out speakers: what
 was forgotten.
 
     python benchmarks/domain_adaptation.py [--domain emodb|telephone] [--recipes full,...] [--holds none,...] [--base CKPT]
-                                           [--seed 0] [--threads 2] [--bootstrap 200]
+                                           [--backends-only] [--seed 0] [--threads 2] [--bootstrap 200]
 """
 
 from __future__ import annotations
@@ -62,6 +74,12 @@ HOLDS = ("none", "distillation", "rehearsal")
 # Targets of the case (README states whether they are met).
 TARGET_RELATIVE_GAIN = 0.30  # target-domain EER of the auto recipe at least 30 % below the base's
 MAX_FORGETTING = 0.10  # base-domain EER at most 10 % above the base's, on each base-domain test set
+PLDA_RELATIVE_GAIN = 0.15  # adapted PLDA's target EER at least 15 % below cosine + the best backend adaptation
+CLLR_GAP = 0.1  # calibrated: Cllr below 1 and within this of min Cllr
+DCF_GAP = 0.10  # calibrated: actual DCF within 10 % of minDCF
+# PLDA's base-domain training data: recordings cut into segments of this length, at most this many each.
+PLDA_SEGMENT_SECONDS = 3.0
+PLDA_MAX_SEGMENTS = 4
 
 
 @dataclass
@@ -202,10 +220,21 @@ class TestSet:
         return (f"{len({r.speaker for r in self.recordings})} speakers, {len(self.recordings)} recordings, "
                 f"{len(self.upper[0]):,} trials ({int(self.same[self.upper].sum()):,} same-speaker)")
 
-    def measure(self, embeddings: np.ndarray, bootstrap: int, seed: int) -> tuple[float, tuple[float, float], float]:
+    def scores(self, embeddings: np.ndarray, plda=None) -> np.ndarray:
+        """Every pair's score: the cosine, or with ``plda`` its log-likelihood ratio."""
+        return embeddings @ embeddings.T if plda is None else plda.llr_matrix(embeddings, embeddings)
+
+    def trial_scores(self, embeddings: np.ndarray, plda=None) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """``(scores, labels, (seconds of one side, of the other))`` of every trial."""
+        i, j = self.upper
+        seconds = np.array([r.duration_seconds for r in self.recordings])
+        return self.scores(embeddings, plda)[i, j], self.same[i, j], (seconds[i], seconds[j])
+
+    def measure(self, embeddings: np.ndarray, bootstrap: int, seed: int, plda=None
+                ) -> tuple[float, tuple[float, float], float]:
         from spkft.core.metrics import compute_metrics, eer
 
-        scores = embeddings @ embeddings.T
+        scores = self.scores(embeddings, plda)
         metrics = compute_metrics(scores[self.upper], self.same[self.upper])
         rng = np.random.default_rng(seed)
         resampled = []
@@ -234,10 +263,41 @@ class Run:
     best_epoch: int
 
 
-def train(overrides: dict, output_dir: Path, log) -> Run:
-    """One ``spkft train`` run through the library, its progress logged a line per epoch."""
+def finished_run(output_dir: Path, overrides: dict) -> Run | None:
+    """The run already in ``output_dir`` when it finished with this very config, else None."""
+    import json
+
+    import yaml
+
+    from spkft.core.checkpoint import read_checkpoint
+    from spkft.core.train import load_config
+
+    try:
+        written = yaml.safe_load((output_dir / "config.yaml").read_text())
+        last = read_checkpoint(output_dir / "last.ckpt")
+        records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return None
+    from spkft.core.train.recipes import resolve_recipe
+
+    wanted = resolve_recipe(load_config(None, overrides | {"run.output_dir": str(output_dir)}))[0]
+    wanted = wanted.model_dump(mode="json")
+    if written != wanted or not (output_dir / "best.ckpt").is_file():
+        return None
+    epochs = [r["epoch"] for r in records if "epoch" in r and "train_loss" in r]
+    return Run(output_dir, int(last["global_step"]), max(epochs), int(last["best_epoch"]))
+
+
+def train(overrides: dict, output_dir: Path, log, reuse: bool = False) -> Run:
+    """One ``spkft train`` run through the library, its progress logged a line per epoch; with
+    ``reuse``, a run that already finished there with the same config is taken as it is."""
     from spkft.core.train import EpochEnded, RunFinished, RunStarted, StepEnded, Trainer, Validated, load_config
 
+    if reuse:
+        found = finished_run(output_dir, overrides)
+        if found is not None:
+            log(f"  reusing the finished run in {output_dir}")
+            return found
     if output_dir.exists():
         shutil.rmtree(output_dir)
     seen = {"steps": 0, "epochs": 0}
@@ -268,6 +328,11 @@ def main() -> int:
     parser.add_argument("--recipes", default=",".join(RECIPE_NAMES), help="the recipes to run, comma-separated")
     parser.add_argument("--holds", default=",".join(HOLDS),
                         help="the ways of holding the old domain each recipe runs with, comma-separated")
+    parser.add_argument("--backends-only", action="store_true",
+                        help="measure the base and its backends (adaptation, PLDA, calibration) only: no training")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take runs that already finished in benchmarks/.cache with the same config as they are "
+                             "(their time is then not measured again)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, crops and initialisation")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the EER interval")
@@ -285,6 +350,11 @@ def main() -> int:
     import torch
 
     from spkft.core.adaptation import fit_adaptation
+    from spkft.core.average import average_checkpoints
+    from spkft.core.calibration import fit_calibration
+    from spkft.core.data import segment
+    from spkft.core.evaluate import calibration_measures
+    from spkft.core.plda import adapt_plda, fit_plda
     from spkft.core.checkpoint import load_model
     from spkft.core.embedding import Embedder
     from spkft.core.train import load_config
@@ -314,7 +384,8 @@ def main() -> int:
     rows: list[Row] = []
     vectors: dict[Path | str, tuple] = {}  # by checkpoint: (d) reuses (a)'s embeddings
 
-    def measure(label: str, checkpoint, seconds: float, adaptation=None, note: str = "", auto: str = "") -> Row:
+    def measure(label: str, checkpoint, seconds: float, adaptation=None, note: str = "", auto: str = "",
+                plda=None) -> Row:
         if checkpoint not in vectors:
             embedder = Embedder(load_model(checkpoint).model)
             vectors[checkpoint] = (embed_all(embedder, target.recordings),
@@ -323,8 +394,8 @@ def main() -> int:
         if adaptation is not None:
             target_vectors = adaptation.apply(target_vectors)
             base_vectors = {name: adaptation.apply(v) for name, v in base_vectors.items()}
-        eer_value, interval, min_dcf = target.measure(target_vectors, args.bootstrap, args.seed)
-        base_eers = {name: base_tests[name].measure(v, 0, args.seed)[0] for name, v in base_vectors.items()}
+        eer_value, interval, min_dcf = target.measure(target_vectors, args.bootstrap, args.seed, plda)
+        base_eers = {name: base_tests[name].measure(v, 0, args.seed, plda)[0] for name, v in base_vectors.items()}
         row = Row(label, eer_value, interval, min_dcf, base_eers, seconds, note, auto)
         rows.append(row)
         log(f"{label}: target EER {eer_value:.2%} [{interval[0]:.2%}, {interval[1]:.2%}]  minDCF {min_dcf:.3f}  "
@@ -339,39 +410,104 @@ def main() -> int:
              for hold, extra in (("distillation", {}), ("rehearsal", {"data.rehearsal": str(rehearsal)}))}
     extras = {"none": {"freeze.distill": 0.0}, "distillation": {}, "rehearsal": {"data.rehearsal": str(rehearsal)}}
     runs: dict[tuple[str, str], Run] = {}
-    for name in recipes:
+    for name in recipes if not args.backends_only else ():
         for hold in holds:
             log(f"fine-tuning with recipe {name}, holding the old domain by: {hold}")
             started = time.monotonic()
-            run = train(common | {"recipe": name} | extras[hold], CACHE / "runs" / args.domain / f"{name}-{hold}", log)
+            run = train(common | {"recipe": name} | extras[hold], CACHE / "runs" / args.domain / f"{name}-{hold}", log,
+                        args.reuse)
             runs[name, hold] = run
             auto = next((("no rehearsal data" if h == "distillation" else "rehearsal data given")
                          for h, pick in picks.items() if pick.name == name and h == hold), "")
             measure(f"(b) {name}, {hold}" + (f" = auto ({auto})" if auto else ""), run.path / "best.ckpt",
                     time.monotonic() - started, note=f"epoch {run.best_epoch} of {run.epochs}", auto=auto)
 
-    auto_name = picks["distillation"].name
-    budget = runs.get((auto_name, "distillation")) or next(iter(runs.values()))
-    log(f"fresh network: recipe full from scratch, {budget.steps} steps as the auto recipe took")
-    started = time.monotonic()
-    base_args = load_model(base).checkpoint.get("config", {}).get("model", {}).get("args", {})
-    fresh = train({"data.train": str(manifest), "recipe": "full", "model.variant": "eres2netv2",
-                   "model.args": base_args, "run.seed": args.seed, "run.epochs": budget.epochs,
-                   "run.steps_per_epoch": max(1, budget.steps // budget.epochs), "run.patience": None},
-                  CACHE / "runs" / args.domain / "fresh", log)
-    fresh_row = measure("(c) fresh network, target speakers only", fresh.path / "best.ckpt",
-                        time.monotonic() - started, note=f"epoch {fresh.best_epoch} of {fresh.epochs}")
+    fresh_row = None
+    if runs:
+        auto_name = picks["distillation"].name
+        budget = runs.get((auto_name, "distillation")) or next(iter(runs.values()))
+        log(f"fresh network: recipe full from scratch, {budget.steps} steps as the auto recipe took")
+        started = time.monotonic()
+        base_args = load_model(base).checkpoint.get("config", {}).get("model", {}).get("args", {})
+        fresh = train({"data.train": str(manifest), "recipe": "full", "model.variant": "eres2netv2",
+                       "model.args": base_args, "run.seed": args.seed, "run.epochs": budget.epochs,
+                       "run.steps_per_epoch": max(1, budget.steps // budget.epochs), "run.patience": None},
+                      CACHE / "runs" / args.domain / "fresh", log, args.reuse)
+        fresh_row = measure("(c) fresh network, target speakers only", fresh.path / "best.ckpt",
+                            time.monotonic() - started, note=f"epoch {fresh.best_epoch} of {fresh.epochs}")
 
     started = time.monotonic()
-    adaptation, reason = fit_adaptation(embed_all(Embedder(load_model(base).model), target_train),
-                                        [r.speaker for r in target_train])
-    measure(f"(d) base + {adaptation.method} adaptation", base, time.monotonic() - started, adaptation, note=reason)
+    base_embedder = Embedder(load_model(base).model)
+    target_train_vectors = embed_all(base_embedder, target_train)
+    adaptation, reason = fit_adaptation(target_train_vectors, [r.speaker for r in target_train])
+    adaptation_row = measure(f"(d) base + {adaptation.method} adaptation", base, time.monotonic() - started,
+                             adaptation, note=reason)
+
+    # PLDA on the base domain's labelled speakers (LibriSpeech's single recordings cut into
+    # segments, so each speaker varies), then adapted to the new domain's recordings without labels.
+    started = time.monotonic()
+    plda_train = segment(base_train, PLDA_SEGMENT_SECONDS, max_segments=PLDA_MAX_SEGMENTS)
+    plda = fit_plda(embed_all(base_embedder, plda_train), [r.speaker for r in plda_train], source="base training")
+    plda_seconds = time.monotonic() - started
+    measure("(f) base + PLDA fitted on the base domain", base, plda_seconds, plda=plda, note=plda.describe())
+    started = time.monotonic()
+    adapted_plda = adapt_plda(plda, target_train_vectors, source="target, unlabelled")
+    plda_row = measure("(g) base + PLDA, adapted with the target's recordings, no labels", base,
+                       plda_seconds + time.monotonic() - started, plda=adapted_plda, note=adapted_plda.describe())
+
+    # Weight-space interpolation (WiSE-FT, Wortsman et al., 2022): halfway between the base and each
+    # recipe's run that held nothing, i.e. the average of the two checkpoints.
+    for name in recipes:
+        if (name, "none") in runs:
+            started = time.monotonic()
+            halfway = runs[name, "none"].path / "halfway.ckpt"
+            torch.save(average_checkpoints([base, runs[name, "none"].path / "best.ckpt"]), halfway)
+            measure(f"(e) {name}, nothing held, weights halfway back to the base", halfway, time.monotonic() - started)
+
+    # What auto's fine-tuned models give with the same backend: PLDA refitted on their own
+    # embeddings of the base domain's speakers, adapted to the target's recordings without labels.
+    for name, hold in ((pick.name, h) for h, pick in picks.items()):
+        if (name, hold) not in runs:
+            continue
+        started = time.monotonic()
+        checkpoint = runs[name, hold].path / "best.ckpt"
+        embedder = Embedder(load_model(checkpoint).model)
+        tuned = fit_plda(embed_all(embedder, plda_train), [r.speaker for r in plda_train])
+        tuned = adapt_plda(tuned, embed_all(embedder, target_train))
+        auto = "no rehearsal data" if hold == "distillation" else "rehearsal data given"
+        measure(f"(h) {name}, {hold} (auto, {auto}) + PLDA, adapted with the target's recordings", checkpoint,
+                time.monotonic() - started, plda=tuned, note=tuned.describe())
+
+    # Calibration, fitted on every pair of the target's fine-tuning recordings (speakers the test
+    # never sees) and measured on the test trials.
+    calibrations = {}
+    for label, backend, vectors_of in (("cosine + " + adaptation.method, None, lambda v: adaptation.apply(v)),
+                                       ("adapted PLDA", adapted_plda, lambda v: v)):
+        fit_set = TestSet(target_train)
+        scores, labels, sides = fit_set.trial_scores(vectors_of(target_train_vectors), backend)
+        calibration = fit_calibration(scores, labels, "cosine" if backend is None else "plda", *sides)
+        test_vectors = vectors_of(vectors[base][0])
+        scores, labels, sides = target.trial_scores(test_vectors, backend)
+        calibrations[label] = calibration_measures(scores, calibration.llr(scores, *sides), labels)
 
     log("")
     for hold, pick in picks.items():
         log(f"auto ({'no rehearsal data' if hold == 'distillation' else 'rehearsal data given'}): {pick.line()}")
     print_table(rows, base_row)
     log("")
+    for label, measures in calibrations.items():
+        log(f"calibrated {label}, on the target's test trials: Cllr {measures.cllr:.3f} (min {measures.min_cllr:.3f}); "
+            + "; ".join(f"actual DCF at {p:g} {value:.3f} (min {measures.min_dcf[p]:.3f})"
+                        for p, value in measures.act_dcf.items()))
+    measures = calibrations["adapted PLDA"]
+    log(f"calibration: Cllr below 1 and within {CLLR_GAP} of min Cllr: "
+        f"{'met' if measures.cllr < 1 and measures.cllr - measures.min_cllr <= CLLR_GAP else 'missed'}; "
+        f"actual DCF within {DCF_GAP:.0%} of minDCF at 0.01 and 0.05: "
+        f"{'met' if all(v <= (1 + DCF_GAP) * measures.min_dcf[p] for p, v in measures.act_dcf.items()) else 'missed'}")
+    gain = 1 - plda_row.target_eer / adaptation_row.target_eer
+    log(f"PLDA adapted without labels against cosine + {adaptation.method}: target EER "
+        f"{adaptation_row.target_eer:.2%} -> {plda_row.target_eer:.2%} ({gain:.0%} lower; target >= "
+        f"{PLDA_RELATIVE_GAIN:.0%}: {'met' if gain >= PLDA_RELATIVE_GAIN else 'missed'})")
     for row in (r for r in rows if r.auto):
         gain = 1 - row.target_eer / base_row.target_eer
         log(f"auto ({row.auto}): target EER {base_row.target_eer:.2%} -> {row.target_eer:.2%} ({gain:.0%} lower; "
@@ -380,8 +516,9 @@ def main() -> int:
             forgetting = value / base_row.base_eers[name] - 1
             log(f"auto ({row.auto}): forgetting on {name}: EER {base_row.base_eers[name]:.2%} -> {value:.2%} "
                 f"({forgetting:+.0%}; target <= +{MAX_FORGETTING:.0%}: {'met' if forgetting <= MAX_FORGETTING else 'missed'})")
-        log(f"auto ({row.auto}): pretraining pays: {row.target_eer:.2%} vs fresh {fresh_row.target_eer:.2%}: "
-            f"{'met' if row.target_eer < fresh_row.target_eer else 'missed'}")
+        if fresh_row is not None:
+            log(f"auto ({row.auto}): pretraining pays: {row.target_eer:.2%} vs fresh {fresh_row.target_eer:.2%}: "
+                f"{'met' if row.target_eer < fresh_row.target_eer else 'missed'}")
     log(f"whole run: {time.monotonic() - started_all:.0f} s")
     return 0
 

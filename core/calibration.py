@@ -146,7 +146,7 @@ class Calibration:
 
     def describe(self) -> str:
         quality = " and the shorter side's duration" if self.quality is not None else ""
-        return f"{self.scores} scores{quality} to LLRs, fitted on {self.trials:,} trials"
+        return f"{self.scores} scores{quality} to LLRs, from {self.trials:,} trials"
 
     def to_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "offset": self.offset, "quality": self.quality,

@@ -128,9 +128,12 @@ def _fit_plda(checkpoint: Path, data: Optional[Path], adapt_data: Optional[Path]
             feedback.note(f"note: a PLDA learns how speakers differ from {result.plda.speakers} speakers here; "
                           f"from fewer than {FEW_PLDA_SPEAKERS} its between-speaker covariance is rough: fit it on a "
                           "general corpus of many speakers and adapt it to yours with --adapt-data")
-        if result.dropped_evaluation or result.dropped_calibration:
-            feedback.note("note: the checkpoint's validation figures and calibration describe its earlier scores "
-                          "and are dropped; measure with spkft eval, calibrate with spkft calibrate")
+        dropped = [what for what, gone in (("validation figures", result.dropped_evaluation),
+                                           ("calibration", result.dropped_calibration)) if gone]
+        if dropped:
+            feedback.note(f"note: dropped the checkpoint's {' and '.join(dropped)}, which described its earlier "
+                          "scores; measure with spkft eval"
+                          + (", calibrate with spkft calibrate" if result.dropped_calibration else ""))
     replaced = "" if result.replaced is None else f", replacing its {result.replaced} backend"
     typer.echo(f"fitted {result.plda.describe()}; wrote {result.output}{replaced}")
 
