@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from spkft.core.adaptation import (
     fit_adaptation,
     resolve_method,
 )
-from spkft.core.checkpoint import SPKFT_FORMAT, LoadedModel, embedding_checkpoint, load_model
+from spkft.core.checkpoint import LoadedModel, load_model, output_for, with_entries
 from spkft.core.data import ScanReport, scan
 from spkft.core.embedding import Embedder, resolve_device
 from spkft.core.errors import CheckpointError, DataError
@@ -72,18 +71,9 @@ def adapt_checkpoint(
     checkpoint = Path(checkpoint)
     device = resolve_device(device)
     loaded = load_model(checkpoint, device=device)
-    is_spkft = loaded.checkpoint.get("format") == SPKFT_FORMAT
-    if output is None:
-        if not is_spkft:
-            raise CheckpointError(f"{checkpoint} is a 3D-Speaker state_dict, which cannot hold an adaptation; "
-                                  "give an output file for the adapted spkft checkpoint")
-        output = checkpoint
-    output = Path(output)
+    output = output_for(checkpoint, loaded, output, "an adaptation")
 
-    report = scan(data, allow_unlabelled=True, progress=scan_progress)
-    if not report.recordings:
-        first = f": e.g. {report.excluded[0].where}: {report.excluded[0].detail}" if report.excluded else ""
-        raise DataError(f"{report.source}: no usable recordings{first}")
+    report = _usable(scan(data, allow_unlabelled=True, progress=scan_progress))
     speakers = [r.speaker for r in report.recordings] if report.labelled and not unlabelled else None
     # Counts and labels decide what can be fitted: fail before the slow part, not after it.
     method, reason = resolve_method(method, len(report.recordings), speakers)
@@ -92,7 +82,7 @@ def adapt_checkpoint(
     adaptation, _ = fit_adaptation(vectors, speakers, method=method, shrinkage=shrinkage,
                                    source=report.source_label)
 
-    stored = _adapted_checkpoint(loaded, adaptation)
+    stored = with_entries(loaded, {"adaptation": adaptation.to_dict()}, drop=_STALE_WITH_BACKEND)
     with staged(output) as tmp:
         torch.save(stored, tmp)
     return AdaptResult(
@@ -101,7 +91,7 @@ def adapt_checkpoint(
         output=output,
         report=report,
         replaced=_backend_of(loaded),
-        dropped_evaluation=is_spkft and loaded.checkpoint.get("evaluation") is not None,
+        dropped_evaluation=loaded.checkpoint.get("evaluation") is not None,
     )
 
 
@@ -149,13 +139,9 @@ def plda_checkpoint(
     checkpoint = Path(checkpoint)
     device = resolve_device(device)
     loaded = load_model(checkpoint, device=device)
-    is_spkft = loaded.checkpoint.get("format") == SPKFT_FORMAT
-    if output is None and not is_spkft:
-        raise CheckpointError(f"{checkpoint} is a 3D-Speaker state_dict, which cannot hold a PLDA; "
-                              "give an output file for the spkft checkpoint")
+    output = output_for(checkpoint, loaded, output, "a PLDA")
     if data is None and loaded.plda is None:
         raise CheckpointError(f"{checkpoint} carries no PLDA to adapt; give --data to fit one")
-    output = Path(output) if output is not None else checkpoint
     reports: dict[str, ScanReport] = {}
     if data is not None:
         reports["data"] = _usable(scan(data, progress=scan_progress))
@@ -182,21 +168,8 @@ def plda_checkpoint(
     if adapt_data is not None:
         plda = adapt_plda(plda, vectors(reports["adapt_data"]), source=reports["adapt_data"].source_label)
 
-    if is_spkft:
-        kept = {k: v for k, v in loaded.checkpoint.items() if k not in _STALE_WITH_BACKEND}
-        stored = kept | {"plda": plda.to_dict()}
-    else:
-        stored = embedding_checkpoint(loaded.model, loaded.variant, plda=plda.to_dict())
     with staged(output) as tmp:
-        torch.save(stored, tmp)
+        torch.save(with_entries(loaded, {"plda": plda.to_dict()}, drop=_STALE_WITH_BACKEND), tmp)
     return PldaResult(plda=plda, output=output, reports=reports, replaced=_backend_of(loaded),
-                      dropped_evaluation=is_spkft and loaded.checkpoint.get("evaluation") is not None,
+                      dropped_evaluation=loaded.checkpoint.get("evaluation") is not None,
                       dropped_calibration=loaded.calibration is not None)
-
-
-def _adapted_checkpoint(loaded: LoadedModel, adaptation: Adaptation) -> dict[str, Any]:
-    """The checkpoint as read, with ``adaptation`` in place of any earlier backend and no stale figures."""
-    if loaded.checkpoint.get("format") != SPKFT_FORMAT:
-        return embedding_checkpoint(loaded.model, loaded.variant, adaptation=adaptation.to_dict())
-    kept = {k: v for k, v in loaded.checkpoint.items() if k not in _STALE_WITH_BACKEND}
-    return kept | {"adaptation": adaptation.to_dict()}

@@ -15,9 +15,8 @@ from typing import Sequence
 import torch
 
 from spkft.core.calibration import Calibration, fit_calibration
-from spkft.core.checkpoint import SPKFT_FORMAT, embedding_checkpoint, load_model
+from spkft.core.checkpoint import load_model, output_for, with_entries
 from spkft.core.embedding import Embedder, resolve_device
-from spkft.core.errors import CheckpointError
 from spkft.core.evaluate import CalibrationMeasures, Progress, calibration_measures, evaluate, trial_durations
 from spkft.core.files import staged
 from spkft.core.records import Recording, Trial
@@ -48,22 +47,14 @@ def calibrate_checkpoint(
     checkpoint = Path(checkpoint)
     device = resolve_device(device)
     loaded = load_model(checkpoint, device=device)
-    is_spkft = loaded.checkpoint.get("format") == SPKFT_FORMAT
-    if output is None and not is_spkft:
-        raise CheckpointError(f"{checkpoint} is a 3D-Speaker state_dict, which cannot hold a calibration; "
-                              "give an output file for the spkft checkpoint")
-    output = Path(output) if output is not None else checkpoint
+    output = output_for(checkpoint, loaded, output, "a calibration")
     seconds: dict[str, float] = {}
     evaluation = evaluate(Embedder(loaded.inference_model, device), recordings, trials, progress=progress,
                           plda=loaded.plda, durations_out=seconds)
-    sides = trial_durations(seconds, evaluation.trials) if durations else (None, None)
-    calibration = fit_calibration(evaluation.scores, evaluation.labels, loaded.score_kind, *sides, source=source)
-    llr = calibration.llr(evaluation.scores, *trial_durations(seconds, evaluation.trials))
-    measures = calibration_measures(evaluation.scores, llr, evaluation.labels)
-    if is_spkft:
-        stored = dict(loaded.checkpoint) | {"calibration": calibration.to_dict()}
-    else:
-        stored = embedding_checkpoint(loaded.model, loaded.variant, calibration=calibration.to_dict())
+    sides = trial_durations(seconds, evaluation.trials)
+    calibration = fit_calibration(evaluation.scores, evaluation.labels, loaded.score_kind,
+                                  *(sides if durations else (None, None)), source=source)
+    measures = calibration_measures(evaluation.scores, calibration.llr(evaluation.scores, *sides), evaluation.labels)
     with staged(output) as tmp:
-        torch.save(stored, tmp)
+        torch.save(with_entries(loaded, {"calibration": calibration.to_dict()}), tmp)
     return CalibrateResult(calibration, measures, output, replaced=loaded.calibration is not None)

@@ -59,6 +59,12 @@ def bayes_threshold(p_target: float, c_miss: float = 1.0, c_fa: float = 1.0) -> 
     return float(np.log(c_fa) - np.log(c_miss) - logit(p_target))
 
 
+def odds(llr: float) -> str:
+    """The odds of the same speaker an LLR stands for: ``99:1`` for log(99), ``1:3`` below zero."""
+    ratio = float(np.exp(llr))
+    return f"{ratio:.3g}:1" if ratio >= 1 else f"1:{1 / ratio:.3g}"
+
+
 def probability(llr: np.ndarray | float, p_target: float) -> np.ndarray | float:
     """The posterior probability of the same speaker, at prior ``p_target``."""
     return expit(np.asarray(llr, dtype=np.float64) + logit(p_target))

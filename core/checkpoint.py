@@ -30,7 +30,7 @@ from spkft.core.calibration import Calibration
 from spkft.core.catalogue import CATALOGUE, resolve_checkpoint
 from spkft.core.errors import CheckpointError, first_line
 from spkft.core.model import VARIANTS, ERes2NetV2, ERes2NetV2Config, model_config
-from spkft.core.plda import Plda
+from spkft.core.plda import Plda, score_kind
 
 SPKFT_FORMAT = "spkft"
 SPKFT_FORMAT_VERSION = 1
@@ -58,7 +58,7 @@ class LoadedModel:
     @property
     def score_kind(self) -> str:
         """What its scores are: ``plda`` log-likelihood ratios or ``cosine`` similarities."""
-        return "cosine" if self.plda is None else "plda"
+        return score_kind(self.plda)
 
     @property
     def inference_model(self) -> ERes2NetV2 | AdaptedModel:
@@ -266,6 +266,25 @@ def model_from_checkpoint(
                        adaptation=_adaptation(source, checkpoint, config), plda=plda, calibration=calibration)
 
 
+def output_for(checkpoint: Path, loaded: LoadedModel, output: str | Path | None, holds: str) -> Path:
+    """Where a checkpoint that gains ``holds`` (``a PLDA``, ...) is written: ``output``, else the
+    checkpoint itself, which only an spkft checkpoint can be (a 3D-Speaker state_dict holds weights alone)."""
+    if output is not None:
+        return Path(output)
+    if loaded.checkpoint.get("format") != SPKFT_FORMAT:
+        raise CheckpointError(f"{checkpoint} is a 3D-Speaker state_dict, which cannot hold {holds}; "
+                              "give an output file for the spkft checkpoint")
+    return checkpoint
+
+
+def with_entries(loaded: LoadedModel, entries: Mapping[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The checkpoint as read, less ``drop``, with ``entries``; a 3D-Speaker state_dict becomes an spkft
+    checkpoint of its weights and ``entries``."""
+    if loaded.checkpoint.get("format") != SPKFT_FORMAT:
+        return embedding_checkpoint(loaded.model, loaded.variant, **entries)
+    return {k: v for k, v in loaded.checkpoint.items() if k not in drop} | dict(entries)
+
+
 def _scoring(path: str | Path, checkpoint: Mapping[str, Any], config: ERes2NetV2Config
              ) -> tuple[Plda | None, Calibration | None]:
     """The PLDA scorer and the calibration an spkft checkpoint carries, checked against the model."""
@@ -287,7 +306,7 @@ def _scoring(path: str | Path, checkpoint: Mapping[str, Any], config: ERes2NetV2
     if plda is not None and plda.input_dim != config.embedding_size:
         raise CheckpointError(f"{path}: its PLDA is for {plda.input_dim}-dim embeddings; "
                               f"the model makes {config.embedding_size}-dim ones")
-    if calibration is not None and calibration.scores != ("cosine" if plda is None else "plda"):
+    if calibration is not None and calibration.scores != score_kind(plda):
         raise CheckpointError(f"{path}: its calibration maps {calibration.scores} scores, but the model is scored "
                               f"by {'cosine' if plda is None else 'PLDA'}; calibrate it again (spkft calibrate)")
     return plda, calibration

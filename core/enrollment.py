@@ -208,13 +208,15 @@ class SpeakerIndex:
         codes, scales = _quantised(scanned)
         self._codes[rows], self._scales[rows] = (codes[0], scales[0]) if np.ndim(vectors) == 1 else (codes, scales)
 
-    def _scores(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
-        """Exact scores of ``rows`` against the unit ``query``: cosines, or PLDA LLRs."""
+    def _scores(self, rows: np.ndarray, query: np.ndarray, query_terms: tuple[np.ndarray, float] | None
+                ) -> np.ndarray:
+        """Exact scores of ``rows`` against the unit ``query``: cosines, or with the query's PLDA
+        terms (:meth:`~spkft.core.plda.Plda.query_terms`) LLRs."""
         enrolled = self._matrix[rows].astype(np.float32)
-        if self.plda is None:
+        if query_terms is None:
             return np.clip(enrolled @ query, -1.0, 1.0)
         weights, terms = self.plda.enrolled_terms(enrolled)
-        projected, own = self.plda.query_terms(query)
+        projected, own = query_terms
         return weights @ projected + terms + np.float32(own)
 
     def put(self, speaker_id: str, total: np.ndarray) -> None:
@@ -264,16 +266,15 @@ class SpeakerIndex:
                 return []
             # int8 scores find the candidates; more than asked absorb their rounding (about 1e-3).
             candidates = min(n, max(4 * k, k + 64))
+            query_terms = None if self.plda is None else self.plda.query_terms(query)
             if candidates < n:
-                scanned = query
-                if self.plda is not None:
-                    scanned = np.append(self.plda.query_terms(query)[0], self._term_scale).astype(np.float32)
-                codes, _ = _quantised(scanned)  # one scale for every score: it does not change their order
+                scanned = query if query_terms is None else np.append(query_terms[0], self._term_scale)
+                codes, _ = _quantised(scanned.astype(np.float32, copy=False))  # one scale for every score: it does not change their order
                 coarse = _scan(self._codes[:n], self._scales[:n], codes)
                 rows = torch.topk(coarse, candidates, sorted=False).indices.numpy()
             else:
                 rows = np.arange(n)
-            scores = self._scores(rows, query)
+            scores = self._scores(rows, query, query_terms)
             order = np.argsort(-scores, kind="stable")[:k]
             return [SpeakerMatch(self._ids[rows[i]], float(scores[i])) for i in order]
 

@@ -12,7 +12,7 @@ from spkft.core.calibration import Calibration, act_dcf, cllr, min_cllr
 from spkft.core.embedding import SpeakerEmbedder
 from spkft.core.errors import EvaluationError
 from spkft.core.metrics import VerificationMetrics, compute_metrics, min_dcf
-from spkft.core.plda import Plda
+from spkft.core.plda import Plda, score_kind
 from spkft.core.records import Recording, Trial
 from spkft.core.scoring import as_norm, score_trials, trial_labels
 
@@ -124,7 +124,7 @@ def evaluate(
     """
     if plda is not None and cohort:
         raise EvaluationError("AS-norm normalises cosine scores; a model scored by PLDA takes no cohort")
-    kind = "cosine" if plda is None else "plda"
+    kind = score_kind(plda)
     if calibration is not None and calibration.scores != kind:
         raise EvaluationError(f"the calibration maps {calibration.scores} scores, not {kind} scores")
     needed = {t.enrol for t in trials} | {t.test for t in trials}

@@ -47,7 +47,7 @@ from spkft.core.embedding import SpeakerEmbedder
 from spkft.core.errors import CheckpointError, ModelError, first_line
 from spkft.core.features import FEATURE_DIM
 from spkft.core.files import sha256_of
-from spkft.core.plda import Plda, plda_from_json
+from spkft.core.plda import Plda, plda_from_json, score_kind
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class OnnxEmbedder(SpeakerEmbedder):
             calibration = Calibration.from_dict(record)
         except (ValueError, CheckpointError) as exc:
             raise ModelError(f"{self.path}: metadata {CALIBRATION_KEY}: {first_line(str(exc))}") from None
-        if calibration.scores != ("cosine" if self.plda is None else "plda"):
+        if calibration.scores != score_kind(self.plda):
             raise ModelError(f"{self.path}: its calibration maps {calibration.scores} scores, which the model "
                              "does not give")
         return calibration

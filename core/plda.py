@@ -198,6 +198,11 @@ class Plda:
             raise CheckpointError(f"malformed PLDA record ({exc})") from None
 
 
+def score_kind(plda: Plda | None) -> str:
+    """What a model's scores are: ``cosine`` similarities, or ``plda`` log-likelihood ratios when it carries one."""
+    return "cosine" if plda is None else "plda"
+
+
 def plda_to_json(plda: Plda) -> str:
     """The PLDA as one JSON string (arrays as base64 of little-endian float64): ONNX metadata holds only strings."""
     record = {name: value for name, value in plda.to_dict().items() if not isinstance(value, torch.Tensor)}

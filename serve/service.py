@@ -30,7 +30,7 @@ from spkft.core.embedding import Embedding, SpeakerEmbedder
 from spkft.core.enrollment import EnrollmentStore, check_speaker_id
 from spkft.core.errors import AudioError, EnrollmentError, InputTooShortError, StoreUnavailableError, UnknownSpeakerError
 from spkft.core.features import SAMPLE_RATE, fbank
-from spkft.core.plda import Plda
+from spkft.core.plda import Plda, score_kind
 from spkft.serve.batching import BatcherClosedError, QueueFullError
 from spkft.serve.metrics import note_audio
 from spkft.serve.v1 import speaker_service_pb2 as pb
@@ -126,7 +126,7 @@ class ServedModel:
 
     @property
     def scoring(self) -> str:
-        return "cosine" if self.plda is None else "plda"
+        return score_kind(self.plda)
 
     def score(self, claimed: np.ndarray, test: np.ndarray) -> float:
         """The trial's score: the cosine of the two unit embeddings, or the PLDA's LLR."""
@@ -257,7 +257,7 @@ class SpeakerService(pb_grpc.SpeakerServiceServicer):
                                                 for m in matches])
         llrs = calibration.llr(np.array([m.score for m in matches]), None, embedding.duration_seconds)
         return pb.IdentifyResponse(matches=[pb.SpeakerMatch(speaker_id=m.speaker_id, score=m.score, llr=float(llr))
-                                            for m, llr in zip(matches, np.atleast_1d(llrs))])
+                                            for m, llr in zip(matches, llrs)])
 
     @_rpc
     def ListSpeakers(self, request: pb.ListSpeakersRequest, context) -> pb.ListSpeakersResponse:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from spkft.core.calibrate import calibrate_checkpoint
-from spkft.core.calibration import bayes_threshold
+from spkft.core.calibration import bayes_threshold, odds
 from spkft.tui.cli.evaluate import Feedback, _check_p_target, _scan, _trials
 from spkft.tui.cli.inference import CheckpointOption, DeviceOption
 
@@ -76,13 +75,7 @@ def calibrate_command(
                + "; ".join(f"actual DCF at p_target {p:g} {value:.4f} (min {measures.min_dcf[p]:.4f})"
                            for p, value in measures.act_dcf.items()))
     typer.echo(f"at p_target {p_target:g} (equal costs) it accepts when the evidence favours the same speaker at "
-               f"least {_odds(threshold)}: LLR >= {threshold:.2f}")
-
-
-def _odds(llr: float) -> str:
-    """``99:1`` for an LLR of log(99); ``1:3`` below zero."""
-    ratio = math.exp(llr)
-    return f"{ratio:.3g}:1" if ratio >= 1 else f"1:{1 / ratio:.3g}"
+               f"least {odds(threshold)}: LLR >= {threshold:.2f}")
 
 
 def register(app: typer.Typer) -> None:

@@ -11,14 +11,14 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from spkft.core.calibration import Calibration, bayes_threshold, probability
-from spkft.core.checkpoint import load_model
+from spkft.core.calibration import bayes_threshold, probability
+from spkft.core.checkpoint import LoadedModel, load_model
 from spkft.core.embedding import Embedder, SpeakerEmbedder, cosine_score, resolve_device
 from spkft.core.errors import AudioError
 from spkft.core.files import staged
 from spkft.core.model import VARIANTS
 from spkft.core.onnx_model import OnnxEmbedder
-from spkft.core.plda import Plda
+from spkft.core.plda import score_kind
 from spkft.tui.cli.models import fetch_released
 from spkft.tui.cli.output import compact_floats, score_against
 
@@ -90,8 +90,9 @@ def check_variant(variant: Optional[str]) -> None:
 
 
 def _embedder(checkpoint: Optional[Path], model: Optional[Path], variant: Optional[str], device: str,
-              engine: Engine, precision: Precision) -> SpeakerEmbedder:
-    """The PyTorch checkpoint's or the ONNX model's embedder: exactly one of them must be given."""
+              engine: Engine, precision: Precision) -> tuple[SpeakerEmbedder, LoadedModel | None]:
+    """The PyTorch checkpoint's or the ONNX model's embedder (exactly one of them must be given), and
+    the checkpoint as loaded (None for an ONNX model)."""
     check_variant(variant)
     if (checkpoint is None) == (model is None):
         raise typer.BadParameter("give exactly one of --checkpoint (PyTorch weights) and --model (an ONNX model)",
@@ -100,28 +101,16 @@ def _embedder(checkpoint: Optional[Path], model: Optional[Path], variant: Option
         if (engine, precision) != (Engine.auto, Precision.auto):
             raise typer.BadParameter("apply to --model only; a checkpoint runs in PyTorch (see --device)",
                                      param_hint="--engine / --precision")
-        return Embedder.from_checkpoint(checkpoint, variant=variant, device=device)
+        resolved = resolve_device(device)
+        loaded = load_model(checkpoint, variant=variant, device=resolved)
+        return Embedder(loaded.inference_model, resolved), loaded
     if variant is not None:
         raise typer.BadParameter("applies to --checkpoint only; an ONNX model's metadata names its variant",
                                  param_hint="--variant")
     if device != "cpu":
         raise typer.BadParameter("--model runs on the CPU; --device applies to --checkpoint only",
                                  param_hint="--device")
-    return OnnxEmbedder.from_file(model, engine=engine.value, precision=precision.value)
-
-
-def _scoring_embedder(checkpoint: Optional[Path], model: Optional[Path], variant: Optional[str], device: str,
-                      engine: Engine, precision: Precision) -> tuple[SpeakerEmbedder, Plda | None, Calibration | None]:
-    """The embedder, and the PLDA scorer and calibration the checkpoint or model carries."""
-    if checkpoint is not None and model is None:
-        check_variant(variant)
-        if (engine, precision) != (Engine.auto, Precision.auto):
-            raise typer.BadParameter("apply to --model only; a checkpoint runs in PyTorch (see --device)",
-                                     param_hint="--engine / --precision")
-        loaded = load_model(checkpoint, variant=variant, device=resolve_device(device))
-        return Embedder(loaded.inference_model, resolve_device(device)), loaded.plda, loaded.calibration
-    embedder = _embedder(checkpoint, model, variant, device, engine, precision)
-    return embedder, embedder.plda, embedder.calibration
+    return OnnxEmbedder.from_file(model, engine=engine.value, precision=precision.value), None
 
 
 def embed(
@@ -142,7 +131,7 @@ def embed(
     A file that cannot be read is reported on stderr and the exit code is 1; with --output,
     nothing is written unless every file was embedded.
     """
-    embedder = _embedder(checkpoint, model, variant, device, engine, precision)
+    embedder, _ = _embedder(checkpoint, model, variant, device, engine, precision)
     vectors = []
     failed = 0
     for path in files:
@@ -194,7 +183,9 @@ def verify(
     """Score two recordings (cosine, or PLDA LLR) and, with a threshold or a calibration, decide."""
     if not 0 < p_target < 1:
         raise typer.BadParameter(f"must lie strictly between 0 and 1, got {p_target:g}", param_hint="--p-target")
-    embedder, plda, calibration = _scoring_embedder(checkpoint, model, variant, device, engine, precision)
+    embedder, loaded = _embedder(checkpoint, model, variant, device, engine, precision)
+    scorer = loaded if loaded is not None else embedder  # both carry the PLDA and calibration, if any
+    plda, calibration = scorer.plda, scorer.calibration
     if threshold is not None and (not math.isfinite(threshold) or (plda is None and not -1 <= threshold <= 1)):
         raise typer.BadParameter(f"must be {'finite' if plda is not None else 'in [-1, 1] for cosine scores'}, "
                                  f"got {threshold:g}", param_hint="--threshold")
@@ -216,7 +207,7 @@ def verify(
     accepted = (llr >= llr_threshold if llr_threshold is not None else
                 None if threshold is None else score >= threshold)
     if as_json:
-        record = {"file_a": str(file_a), "file_b": str(file_b), "scoring": "cosine" if plda is None else "plda",
+        record = {"file_a": str(file_a), "file_b": str(file_b), "scoring": score_kind(plda),
                   "score": round(score, 6), "threshold": threshold, "threshold_source": threshold_source,
                   "accepted": accepted}
         if llr is not None:

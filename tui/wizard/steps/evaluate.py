@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from rich.table import Table
@@ -14,7 +13,7 @@ from textual.widgets import Button, ProgressBar, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from spkft.core.calibrate import calibrate_checkpoint
-from spkft.core.calibration import bayes_threshold
+from spkft.core.calibration import bayes_threshold, odds
 from spkft.core.data import Split, make_trials, read_trials, segment
 from spkft.core.embedding import Embedder
 from spkft.core.errors import SpkftError
@@ -40,11 +39,6 @@ class EvaluationProgress(Message):
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, EvaluationProgress)
-
-
-def decision_odds(p_target: float) -> str:
-    """``99:1``: the odds of the same speaker the evidence must reach for the Bayes decision at this prior."""
-    return f"{math.exp(bayes_threshold(p_target)):.3g}:1"
 
 
 def percent(value: float) -> str:
@@ -170,7 +164,7 @@ class EvaluateStep(StepScreen):
                            f"Cllr {measures.cllr:.3f} bits (min {measures.min_cllr:.3f}), actual DCF "
                            f"{measures.act_dcf[DECISION_PRIOR]:.3f} at prior {DECISION_PRIOR:g} (min "
                            f"{measures.min_dcf[DECISION_PRIOR]:.3f}). At that prior it accepts when the evidence "
-                           f"favours the same speaker at least {decision_odds(DECISION_PRIOR)}.")
+                           f"favours the same speaker at least {odds(bayes_threshold(DECISION_PRIOR))}.")
         baseline = None
         if config.model.init is not None:
             before = evaluate(Embedder.from_checkpoint(config.model.init, device=device), recordings, trials,

@@ -12,6 +12,7 @@ from textual.validation import Integer
 from textual.widgets import Button, Input, Label, Select, Static
 from textual.worker import Worker, WorkerState
 
+from spkft.core.calibration import bayes_threshold, odds
 from spkft.core.checkpoint import read_checkpoint
 from spkft.core.export import MIN_COSINE, ExportResult, QuantizedModel, export_int8, export_onnx
 from spkft.core.quantize import DEFAULT_MAX_EER_INCREASE, EerRoseError, quantization_data
@@ -20,7 +21,7 @@ from spkft.serve.server import ServerConfig, SpeakerServer, create_server
 from spkft.tui.cli.export import int8_comparison
 from spkft.tui.cli.output import score_against
 from spkft.tui.wizard.fields import PathInput
-from spkft.tui.wizard.steps.evaluate import DECISION_PRIOR, decision_odds
+from spkft.tui.wizard.steps.evaluate import DECISION_PRIOR
 from spkft.tui.wizard.step import StepScreen
 
 DEFAULT_PORT = 50051
@@ -119,7 +120,7 @@ class ServeStep(StepScreen):
             self.query_one("#threshold", Static).update(
                 f"Decisions: calibrated on the validation speakers. At a prior of {DECISION_PRIOR:g} (spkft serve "
                 f"--p-target; a request may give its own) it accepts when the evidence favours the same speaker "
-                f"at least {decision_odds(DECISION_PRIOR)}, and Verify answers the LLR and the probability.")
+                f"at least {odds(bayes_threshold(DECISION_PRIOR))}, and Verify answers the LLR and the probability.")
         else:
             self.query_one("#threshold", Static).update(
                 "Threshold: the validation speakers' EER threshold (test speakers only measure).")
